@@ -1,0 +1,104 @@
+"""The deploy artifact: `manifest.json` and the files it lists, with hashes checked on load."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import MirrorDeployError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class GraphEntry:
+    file: str
+    format: str                      # onnx | openvino
+    sha256: dict[str, str]           # every file of the graph (side files too) -> hash
+    inputs: list[dict]
+    outputs: list[dict]
+    layers: list[int]                # [first, stop) decoder layers inside
+    static: bool = False
+    weights: str = "fp32"
+
+
+@dataclass
+class Manifest:
+    target: dict
+    draft: dict
+    exit_layer: int
+    kappa: int
+    gamma: int
+    max_context: int
+    branch_batch: int
+    profile: dict
+    graphs: dict[str, GraphEntry]
+    tokenizer: str | None = "tokenizer"
+    schema_version: int = SCHEMA_VERSION
+    created_by: str = field(default="mirror-deploy")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Manifest":
+        data = dict(data)
+        data["graphs"] = {k: GraphEntry(**v) for k, v in data["graphs"].items()}
+        return cls(**data)
+
+    def save(self, folder: Path) -> Path:
+        path = folder / MANIFEST
+        path.write_text(self.to_json())
+        return path
+
+
+def read_manifest(folder: Path) -> Manifest:
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise MirrorDeployError(f"artifact folder {folder} does not exist",
+                                "pass the --out folder of a `mirror-deploy export` run")
+    if not path.is_file():
+        raise MirrorDeployError(f"{folder} has no {MANIFEST}: it is not a mirror-deploy artifact",
+                                "export one with `mirror-deploy export TARGET --draft DRAFT --out DIR`")
+    try:
+        data = json.loads(path.read_text())
+        manifest = Manifest.from_dict(data)
+    except (json.JSONDecodeError, TypeError, KeyError) as err:
+        raise MirrorDeployError(f"{path} is damaged or was edited by hand ({err})",
+                                "re-export the artifact with `mirror-deploy export ... --force`") from None
+    if manifest.schema_version != SCHEMA_VERSION:
+        raise MirrorDeployError(f"{path} has schema version {manifest.schema_version}, this mirror-deploy "
+                                f"reads version {SCHEMA_VERSION}", "re-export the artifact")
+    return manifest
+
+
+def verify_files(folder: Path, manifest: Manifest) -> list[tuple[str, str, str]]:
+    """(graph, file, problem) for each listed file that is missing or whose hash differs."""
+    problems = []
+    for name, graph in manifest.graphs.items():
+        for file, expected in graph.sha256.items():
+            path = Path(folder) / file
+            if not path.is_file():
+                problems.append((name, file, "missing"))
+            elif sha256_file(path) != expected:
+                problems.append((name, file, "hash differs from the manifest (edited or truncated)"))
+    return problems
+
+
+def require_intact(folder: Path, manifest: Manifest) -> None:
+    problems = verify_files(folder, manifest)
+    if problems:
+        listed = "; ".join(f"{f} ({why})" for _, f, why in problems)
+        raise MirrorDeployError(f"artifact {folder} is damaged: {listed}",
+                                "re-export it with `mirror-deploy export ... --force`")

@@ -1,0 +1,77 @@
+"""Torch modules that become the three exported graphs: target prefix, target suffix, draft.
+
+Each wraps a slice of the HF model's own decoder layers, so the numerics are the model's own. Past K/V
+come in as flat tensors; a small cache object hands them to the HF attention and captures the new K/V.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .architectures import ArchSpec
+
+
+class _CaptureCache:
+    """Duck-typed HF cache: serves this call's past K/V and records the new positions' K/V."""
+
+    def __init__(self, first_layer: int, pasts: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.first_layer = first_layer
+        self.pasts = pasts
+        self.new: list[torch.Tensor] = []
+
+    def update(self, key, value, layer_idx, cache_kwargs=None):
+        past_k, past_v = self.pasts[layer_idx - self.first_layer]
+        # HF attention works head-major [1, heads, seq, dim]; our buffers are position-major.
+        self.new += [key.transpose(1, 2), value.transpose(1, 2)]
+        return (torch.cat([past_k.transpose(1, 2), key], dim=2),
+                torch.cat([past_v.transpose(1, 2), value], dim=2))
+
+
+class _LayerSlice(nn.Module):
+    def __init__(self, arch: ArchSpec, model: nn.Module, start: int, stop: int):
+        super().__init__()
+        self.arch, self.model, self.start, self.stop = arch, model, start, stop
+
+    def run_layers(self, hidden, position_ids, attention_mask, flat_past):
+        pasts = [(flat_past[2 * i], flat_past[2 * i + 1]) for i in range(self.stop - self.start)]
+        cache = _CaptureCache(self.start, pasts)
+        rope = self.arch.position_embeddings(self.model, hidden, position_ids)
+        for layer in self.arch.layers_of(self.model)[self.start:self.stop]:
+            hidden = self.arch.run_layer(layer, hidden, attention_mask, position_ids, cache, rope)
+        return hidden, cache.new
+
+    def head_logits(self, hidden, output_rows):
+        hidden = hidden.index_select(1, output_rows)
+        return self.model.lm_head(self.arch.final_norm_of(self.model)(hidden))
+
+
+class TargetPrefix(_LayerSlice):
+    """Embeddings + layers [0, exit_layer) + logit-lens early exit (top-kappa ids and log-probs)."""
+
+    def __init__(self, arch, model, exit_layer: int, kappa: int):
+        super().__init__(arch, model, 0, exit_layer)
+        self.kappa = kappa
+
+    def forward(self, input_ids, position_ids, attention_mask, output_rows, *flat_past):
+        hidden = self.arch.embed_tokens(self.model, input_ids, position_ids)
+        hidden, new_kv = self.run_layers(hidden, position_ids, attention_mask, flat_past)
+        logprobs = torch.log_softmax(self.head_logits(hidden, output_rows), dim=-1)
+        top = torch.topk(logprobs, self.kappa, dim=-1)
+        return (top.indices, top.values, hidden, *new_kv)
+
+
+class TargetSuffix(_LayerSlice):
+    """Layers [exit_layer, N) + final norm + LM head."""
+
+    def forward(self, hidden_states, position_ids, attention_mask, output_rows, *flat_past):
+        hidden, new_kv = self.run_layers(hidden_states, position_ids, attention_mask, flat_past)
+        return (self.head_logits(hidden, output_rows), *new_kv)
+
+
+class FullModel(_LayerSlice):
+    """The whole model (the draft graph)."""
+
+    def forward(self, input_ids, position_ids, attention_mask, output_rows, *flat_past):
+        hidden = self.arch.embed_tokens(self.model, input_ids, position_ids)
+        hidden, new_kv = self.run_layers(hidden, position_ids, attention_mask, flat_past)
+        return (self.head_logits(hidden, output_rows), *new_kv)

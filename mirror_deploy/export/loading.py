@@ -1,0 +1,81 @@
+"""Load a source model (checkpoint folder or .gguf file) and describe it for the manifest."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+from ..artifact import sha256_file
+from ..errors import MirrorDeployError
+from .architectures import ArchSpec, arch_for
+from .shapes import ModelShape
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+@dataclass
+class SourceModel:
+    path: Path
+    config: PretrainedConfig
+    arch: ArchSpec
+    shape: ModelShape
+    model: torch.nn.Module | None = None
+
+    def gguf_args(self) -> tuple[str, dict]:
+        if self.path.suffix == ".gguf":
+            return str(self.path.parent), {"gguf_file": self.path.name}
+        return str(self.path), {}
+
+    def load_model(self) -> torch.nn.Module:
+        if self.model is None:
+            where, extra = self.gguf_args()
+            self.model = AutoModelForCausalLM.from_pretrained(
+                where, dtype=torch.float32, attn_implementation="eager", **extra).eval()
+        return self.model
+
+    def load_tokenizer(self):
+        where, extra = self.gguf_args()
+        try:
+            return AutoTokenizer.from_pretrained(where, **extra)
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def describe(self) -> dict:
+        weights = [self.path] if self.path.is_file() else sorted(
+            p for p in self.path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+        digest = hashlib.sha256()
+        for w in weights:
+            digest.update(sha256_file(w).encode())
+        config = json.dumps(self.config.to_dict(), sort_keys=True, default=str)
+        return {"path": str(self.path), "model_type": self.shape.model_type,
+                "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
+                "weights_sha256": digest.hexdigest(), **self.shape.to_dict()}
+
+
+def open_source(path: str | Path, role: str) -> SourceModel:
+    """Read the config only (fast), so bad input is refused before any weights load."""
+    path = Path(path).expanduser()
+    fix = "give a Hugging Face checkpoint folder (config.json + weights) or a .gguf file"
+    if not path.exists():
+        raise MirrorDeployError(f"{role} model path {path} does not exist", fix)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise MirrorDeployError(f"{role} model folder {path} has no config.json: not a Hugging Face checkpoint", fix)
+    if path.is_file() and path.suffix != ".gguf":
+        raise MirrorDeployError(f"{role} model file {path} is not a .gguf file", fix)
+    try:
+        if path.is_file():
+            config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        else:
+            config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as err:
+        raise MirrorDeployError(f"{role} model at {path} could not be read as a causal LM ({err})", fix) from None
+    arch = arch_for(config.model_type)
+    causal = [a for a in (config.architectures or []) if a.endswith("ForCausalLM") or a.endswith("LMHeadModel")]
+    if config.architectures and not causal:
+        raise MirrorDeployError(f"{role} model at {path} is a {', '.join(config.architectures)}, not a causal LM",
+                                "export a text-generation (…ForCausalLM) checkpoint")
+    return SourceModel(path, config, arch, ModelShape.from_config(config))

@@ -1,0 +1,84 @@
+"""Trace one graph module to ONNX with the axes of `shapes.graph_io`.
+
+The TorchScript exporter is used: it expresses `past + seq` (the dynamo exporter cannot) and takes ~2 s a
+graph. It may drop inputs a graph does not use (GPT-2's suffix ignores position_ids); the manifest records
+the inputs the file really has, and runtimes feed only those.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from .shapes import ModelShape, TensorSpec, dynamic_axes
+
+# Protobuf cannot hold more than 2 GiB; above this the weights go to a side file.
+_EXTERNAL_DATA_BYTES = 1 << 30
+
+
+def example_inputs(inputs: list[TensorSpec], shape: ModelShape, seq: int = 3, past: int = 2) -> tuple:
+    """Small tensors of the right dtypes, with past > 0 and seq > 1 so no axis is specialised away."""
+    sizes = {"seq": seq, "past": past, "rows": seq, "past+seq": past + seq}
+    tensors = []
+    for spec in inputs:
+        dims = [sizes.get(d, d) if isinstance(d, str) else d for d in spec.shape]
+        if spec.name == "input_ids":
+            tensors.append(torch.randint(0, shape.vocab_size, dims))
+        elif spec.name == "position_ids":
+            tensors.append(torch.arange(past, past + seq)[None])
+        elif spec.name == "output_rows":
+            tensors.append(torch.arange(seq))
+        elif spec.name == "attention_mask":
+            tensors.append(torch.zeros(dims))
+        else:
+            tensors.append(torch.randn(dims))
+    return tuple(tensors)
+
+
+def export_graph(module: torch.nn.Module, inputs, outputs, shape: ModelShape, path: Path) -> Path:
+    """Export into a scratch folder (large models scatter one file per tensor), then write `path`
+    as one .onnx file, plus one `.onnx.data` side file when the weights exceed protobuf's limit."""
+    module.eval()
+    args = example_inputs(inputs, shape)
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        raw = Path(scratch) / "graph.onnx"
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module, args, str(raw), dynamo=False, opset_version=17, do_constant_folding=True,
+                input_names=[s.name for s in inputs], output_names=[s.name for s in outputs],
+                dynamic_axes=dynamic_axes([*inputs, *outputs]),
+            )
+        scattered = len(list(Path(scratch).iterdir())) > 1
+        if not scattered and raw.stat().st_size < _EXTERNAL_DATA_BYTES:
+            shutil.move(raw, path)
+        else:
+            model = onnx.load(str(raw), load_external_data=True)
+            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=path.name + ".data", size_threshold=1024)
+    return path
+
+
+def graph_files(path: Path) -> list[Path]:
+    """The .onnx file and its external-data side file, if any."""
+    side = path.with_name(path.name + ".data")
+    return [path, side] if side.exists() else [path]
+
+
+def read_io(path: Path) -> tuple[list[dict], list[dict]]:
+    """Names, dtypes and shapes (ints or axis names) as the ONNX file records them."""
+    model = onnx.load(str(path), load_external_data=False)
+
+    def describe(value_info):
+        t = value_info.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+        return {"name": value_info.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                "shape": dims}
+
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [describe(v) for v in model.graph.input if v.name not in initializers]
+    return inputs, [describe(v) for v in model.graph.output]

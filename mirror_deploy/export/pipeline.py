@@ -1,0 +1,167 @@
+"""`mirror-deploy export`: source models -> graphs -> OpenVINO IR -> tokenizer -> manifest.
+
+Everything is built in a temporary folder beside DIR and moved into place only when complete, so a
+failure or Ctrl-C leaves no DIR and no partial file.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from ..artifact import GraphEntry, Manifest, sha256_file
+from ..errors import MirrorDeployError
+from ..targets import Profile, load_profile
+from .graphs import FullModel, TargetPrefix, TargetSuffix
+from .loading import SourceModel, open_source
+from .onnx_export import export_graph, graph_files, read_io
+from .openvino_ir import WEIGHT_FORMATS, convert_draft, ir_io
+from .shapes import graph_io, static_dims
+
+
+@dataclass
+class ExportOptions:
+    exit_layer: int | None = None     # default: N // 2
+    kappa: int = 8
+    gamma: int = 7
+    max_context: int = 1024
+    branch_batch: int = 8
+    profile: str = "cpu-sim"
+    draft_weights: str = "fp32"
+    force: bool = False
+
+
+def validate(target: SourceModel, draft: SourceModel, opts: ExportOptions, out: Path) -> int:
+    """All checks that need no weights; returns the exit layer."""
+    n = target.shape.num_layers
+    exit_layer = n // 2 if opts.exit_layer is None else opts.exit_layer
+    if not 1 <= exit_layer <= n - 1:
+        raise MirrorDeployError(f"--exit-layer {exit_layer} is outside [1, {n - 1}] for a {n}-layer target",
+                                f"choose a layer in 1..{n - 1} (default {n // 2})")
+    vocab = target.shape.vocab_size
+    if not 1 <= opts.kappa <= vocab:
+        raise MirrorDeployError(f"--kappa {opts.kappa} must be in [1, {vocab}] (the vocabulary size)",
+                                "use a small top-k width such as 8")
+    if opts.gamma < 1:
+        raise MirrorDeployError(f"--gamma {opts.gamma} must be at least 1", "use a window such as 7")
+    if opts.branch_batch < 1:
+        raise MirrorDeployError(f"--branch-batch {opts.branch_batch} must be at least 1", "use e.g. 8")
+    if opts.draft_weights not in WEIGHT_FORMATS:
+        raise MirrorDeployError(f"--draft-weights {opts.draft_weights!r} is unknown",
+                                f"use one of: {', '.join(WEIGHT_FORMATS)}")
+    need = opts.gamma + 2 + opts.gamma * (opts.branch_batch + 1)
+    if opts.max_context < need:
+        raise MirrorDeployError(f"--max-context {opts.max_context} leaves no room for a prompt",
+                                f"use at least {need} (a few hundred or more)")
+    for model in (target, draft):
+        if model.shape.max_positions and opts.max_context > model.shape.max_positions:
+            raise MirrorDeployError(
+                f"--max-context {opts.max_context} exceeds {model.path}'s {model.shape.max_positions} positions",
+                f"use --max-context {model.shape.max_positions} or less")
+    if draft.shape.vocab_size != vocab:
+        raise MirrorDeployError(
+            f"target and draft vocabularies differ ({vocab} vs {draft.shape.vocab_size} tokens)",
+            "pick a draft trained with the target's tokenizer (e.g. a smaller model of the same family)")
+    if out.exists() and not opts.force:
+        raise MirrorDeployError(f"output folder {out} already exists", "pass --force to replace it")
+    return exit_layer
+
+
+def _same_tokenizer(target_tok, draft_tok) -> None:
+    if target_tok is not None and draft_tok is not None and target_tok.get_vocab() != draft_tok.get_vocab():
+        raise MirrorDeployError("target and draft tokenizers map tokens to different ids",
+                                "pick a draft trained with the target's tokenizer")
+
+
+@contextmanager
+def staging_folder(out: Path):
+    """A scratch folder beside `out`; on success it replaces `out`, on any failure it disappears."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield stage
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(trash / out.name)
+            stage.rename(out)
+            shutil.rmtree(trash)
+        else:
+            stage.rename(out)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _graph_entry(folder: Path, path: Path, layers: range, fmt: str = "onnx", static=False, weights="fp32"):
+    files = graph_files(path) if fmt == "onnx" else [path, path.with_suffix(".bin")]
+    inputs, outputs = read_io(path) if fmt == "onnx" else ir_io(path)
+    return GraphEntry(file=path.name, format=fmt, sha256={f.name: sha256_file(f) for f in files},
+                      inputs=inputs, outputs=outputs, layers=[layers.start, layers.stop],
+                      static=static, weights=weights)
+
+
+def draft_static_shapes(draft: SourceModel, opts: ExportOptions) -> dict[str, list[int]]:
+    """Pinned shapes of the NPU draft: one call holds at most branch_batch + 1 tokens."""
+    seq = opts.branch_batch + 1
+    dims = static_dims(seq=seq, past=opts.max_context, rows=seq)
+    inputs, _ = graph_io("draft", draft.shape, range(draft.shape.num_layers))
+    return {s.name: [dims.get(d, d) if isinstance(d, str) else d for d in s.shape] for s in inputs}
+
+
+def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: Console | None = None) -> Path:
+    console = console or Console(stderr=True)
+    out = Path(out).expanduser()
+    profile: Profile = load_profile(opts.profile)
+    target, draft = open_source(target_path, "target"), open_source(draft_path, "draft")
+    exit_layer = validate(target, draft, opts, out)
+    n, nd = target.shape.num_layers, draft.shape.num_layers
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with staging_folder(out) as stage, Progress(*columns, console=console, transient=False) as progress:
+        def step(text):
+            return progress.add_task(text, total=1)
+
+        t = step(f"loading target {target.path.name}")
+        target_model = target.load_model()
+        target_tok = target.load_tokenizer()
+        progress.update(t, completed=1)
+        t = step(f"loading draft {draft.path.name}")
+        draft_model = draft.load_model()
+        _same_tokenizer(target_tok, draft.load_tokenizer())
+        progress.update(t, completed=1)
+
+        graphs = {}
+        parts = [("target_prefix", TargetPrefix(target.arch, target_model, exit_layer, opts.kappa),
+                  target, range(0, exit_layer)),
+                 ("target_suffix", TargetSuffix(target.arch, target_model, exit_layer, n), target, range(exit_layer, n)),
+                 ("draft", FullModel(draft.arch, draft_model, 0, nd), draft, range(0, nd))]
+        for name, module, source, layers in parts:
+            t = step(f"exporting {name}.onnx (layers {layers.start}..{layers.stop - 1})")
+            inputs, outputs = graph_io(name, source.shape, layers, opts.kappa)
+            path = export_graph(module, inputs, outputs, source.shape, stage / f"{name}.onnx")
+            graphs[name] = _graph_entry(stage, path, layers)
+            progress.update(t, completed=1)
+
+        t = step(f"compiling draft to OpenVINO IR ({opts.draft_weights} weights)")
+        xml = convert_draft(stage / "draft.onnx", stage / "draft.xml", opts.draft_weights)
+        graphs["draft_ir"] = _graph_entry(stage, xml, range(0, nd), "openvino", weights=opts.draft_weights)
+        if profile.draft.static:
+            xml = convert_draft(stage / "draft.onnx", stage / "draft_static.xml", opts.draft_weights,
+                                draft_static_shapes(draft, opts))
+            graphs["draft_static"] = _graph_entry(stage, xml, range(0, nd), "openvino", True, opts.draft_weights)
+        progress.update(t, completed=1)
+
+        t = step("writing tokenizer and manifest")
+        if target_tok is not None:
+            target_tok.save_pretrained(stage / "tokenizer")
+        manifest = Manifest(
+            target=target.describe(), draft=draft.describe(), exit_layer=exit_layer, kappa=opts.kappa,
+            gamma=opts.gamma, max_context=opts.max_context, branch_batch=opts.branch_batch,
+            profile=profile.to_dict(), graphs=graphs, tokenizer="tokenizer" if target_tok is not None else None)
+        manifest.save(stage)
+        progress.update(t, completed=1)
+    return out

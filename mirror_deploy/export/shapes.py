@@ -1,0 +1,91 @@
+"""Model dimensions read through optimum's config normalisation, plus the graph I/O named in one place.
+
+Every graph takes past K/V per layer as `[1, past, kv_heads, head_dim]` (position-major, so the runtime can
+pass a contiguous slice of its preallocated buffer) and returns only the K/V of the new positions. The
+dynamic axes are named here once; a static-shape variant pins them (see `static_dims`).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from optimum.utils import NormalizedConfigManager
+
+SEQ, PAST, ROWS = "seq", "past", "rows"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int | None
+
+    @classmethod
+    def from_config(cls, config) -> "ModelShape":
+        norm = NormalizedConfigManager.get_normalized_config_class(config.model_type)(config)
+        heads = norm.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or norm.hidden_size // heads
+        max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        return cls(config.model_type, norm.num_layers, norm.hidden_size, heads, kv_heads, head_dim,
+                   norm.vocab_size, max_pos)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple  # ints and axis names
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+def kv_names(kind: str, layers: range) -> list[str]:
+    return [f"{kind}_{part}.{i}" for i in layers for part in ("key", "value")]
+
+
+def graph_io(part: str, shape: ModelShape, layers: range, kappa: int | None = None):
+    """Inputs and outputs of one graph. `part` is target_prefix, target_suffix or draft."""
+    kv_in = [TensorSpec(n, "float32", (1, PAST, shape.kv_heads, shape.head_dim)) for n in kv_names("past", layers)]
+    kv_out = [TensorSpec(n, "float32", (1, SEQ, shape.kv_heads, shape.head_dim)) for n in kv_names("new", layers)]
+    common = [
+        TensorSpec("position_ids", "int64", (1, SEQ)),
+        TensorSpec("attention_mask", "float32", (1, 1, SEQ, f"{PAST}+{SEQ}")),
+        TensorSpec("output_rows", "int64", (ROWS,)),
+    ]
+    if part == "target_suffix":
+        first = TensorSpec("hidden_states", "float32", (1, SEQ, shape.hidden_size))
+    else:
+        first = TensorSpec("input_ids", "int64", (1, SEQ))
+    inputs = [first, *common, *kv_in]
+    if part == "target_prefix":
+        heads = [TensorSpec("exit_ids", "int64", (1, ROWS, kappa)),
+                 TensorSpec("exit_logprobs", "float32", (1, ROWS, kappa)),
+                 TensorSpec("hidden_states", "float32", (1, SEQ, shape.hidden_size))]
+    else:
+        heads = [TensorSpec("logits", "float32", (1, ROWS, shape.vocab_size))]
+    return inputs, [*heads, *kv_out]
+
+
+def dynamic_axes(specs) -> dict[str, dict[int, str]]:
+    """torch.onnx dynamic_axes for the named axes; `past+seq` is left to shape inference."""
+    axes = {}
+    for spec in specs:
+        named = {i: d for i, d in enumerate(spec.shape) if isinstance(d, str) and "+" not in d}
+        if "+" in str(spec.shape[-1]):
+            named[len(spec.shape) - 1] = "total"
+        if named:
+            axes[spec.name] = named
+    return axes
+
+
+def static_dims(seq: int, past: int, rows: int) -> dict[str, int]:
+    return {SEQ: seq, PAST: past, ROWS: rows, f"{PAST}+{SEQ}": past + seq, "total": past + seq}
