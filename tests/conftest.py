@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random-weight model pairs and their exported artifacts (built once a session)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from mirror_deploy.export.pipeline import ExportOptions, export_artifact
+from mirror_deploy.tiny import build_tiny_pair
+
+ARCHS = ("llama", "qwen2", "gpt2")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    os.environ["MIRROR_DEPLOY_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    root = tmp_path_factory.mktemp("models")
+    return {arch: build_tiny_pair(root / arch, arch) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tiny_pairs, tmp_path_factory) -> dict[str, Path]:
+    """One cpu-sim artifact per architecture (ℓe = 2 of 4 layers, κ = 4, γ = 4, capacity 256)."""
+    root = tmp_path_factory.mktemp("artifacts")
+    opts = ExportOptions(kappa=4, gamma=4, max_context=256, branch_batch=4)
+    return {arch: export_artifact(t, d, root / arch, opts) for arch, (t, d) in tiny_pairs.items()}
+
+
+@pytest.fixture(scope="session")
+def static_artifact(tiny_pairs, tmp_path_factory) -> Path:
+    """A llama artifact with the NPU-shaped static draft (built for a static-draft profile)."""
+    root = tmp_path_factory.mktemp("static")
+    profile = root / "cpu-static.toml"
+    profile.write_text(
+        'name = "cpu-static"\ndescription = "NPU-shaped draft on OpenVINO CPU"\n'
+        '[target]\nbackend = "onnxruntime"\ndevice = "cpu"\nthreads = 1\n'
+        '[draft]\nbackend = "openvino"\ndevice = "CPU"\nthreads = 1\nprecision = "f32"\nstatic = true\n')
+    t, d = tiny_pairs["llama"]
+    opts = ExportOptions(kappa=4, gamma=4, max_context=256, branch_batch=4, profile=str(profile))
+    return export_artifact(t, d, root / "art", opts)
