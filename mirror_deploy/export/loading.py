@@ -44,6 +44,19 @@ class SourceModel:
         except (OSError, ValueError, TypeError):
             return None
 
+    def eos_token_ids(self) -> list[int]:
+        """End-of-sequence ids from the config and, where present, generation_config.json."""
+        ids = []
+        sources = [self.config.eos_token_id]
+        gen = self.path / "generation_config.json" if self.path.is_dir() else None
+        if gen is not None and gen.is_file():
+            sources.append(json.loads(gen.read_text()).get("eos_token_id"))
+        for value in sources:
+            for i in value if isinstance(value, list) else [value]:
+                if isinstance(i, int) and i not in ids:
+                    ids.append(i)
+        return ids
+
     def describe(self) -> dict:
         weights = [self.path] if self.path.is_file() else sorted(
             p for p in self.path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
@@ -51,7 +64,8 @@ class SourceModel:
         for w in weights:
             digest.update(sha256_file(w).encode())
         config = json.dumps(self.config.to_dict(), sort_keys=True, default=str)
-        return {"path": str(self.path), "model_type": self.shape.model_type,
+        return {"path": str(self.path.resolve()), "model_type": self.shape.model_type,
+                "eos_token_ids": self.eos_token_ids(),
                 "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
                 "weights_sha256": digest.hexdigest(), **self.shape.to_dict()}
 

@@ -1,0 +1,46 @@
+"""Per-request generation settings, kept apart from construction options (openvino.genai style)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import MirrorDeployError
+
+MODES = ("mirror", "sd", "ar")
+SCHEDULES = ("overlapped", "serial")
+RULES = ("rejection", "match")
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0          # 0 = greedy
+    top_k: int = 0                    # 0 = off
+    top_p: float = 1.0
+    seed: int = 0
+    mode: str = "mirror"
+    schedule: str = "overlapped"      # mirror only: overlapped (two devices at once) or serial (ablation)
+    verify_rule: str = "rejection"    # sampling only: rejection (uses draft q) or match (paper's operator)
+    branch_budget: int | None = None  # mirror: branches the draft rolls out per step (None = artifact's batch)
+    gamma: int | None = None          # window length (None = artifact's γ)
+    stop_at_eos: bool = True
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    def validate(self) -> "GenerationConfig":
+        checks = [
+            (self.mode in MODES, f"mode {self.mode!r} is unknown", f"use one of: {', '.join(MODES)}"),
+            (self.schedule in SCHEDULES, f"schedule {self.schedule!r} is unknown", f"use {' or '.join(SCHEDULES)}"),
+            (self.verify_rule in RULES, f"verify rule {self.verify_rule!r} is unknown", f"use {' or '.join(RULES)}"),
+            (self.max_new_tokens >= 1, "max_new_tokens must be at least 1", "ask for 1 or more tokens"),
+            (self.temperature >= 0, "temperature must be >= 0", "use 0 for greedy or e.g. 0.7"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]", "use e.g. 0.9, or 1 to turn it off"),
+            (self.top_k >= 0, "top_k must be >= 0", "use 0 to turn it off"),
+            (self.branch_budget is None or self.branch_budget >= 0, "branch budget must be >= 0", "use e.g. 4"),
+            (self.gamma is None or self.gamma >= 1, "gamma must be >= 1", "use e.g. 4"),
+        ]
+        for ok, problem, fix in checks:
+            if not ok:
+                raise MirrorDeployError(problem, fix)
+        return self

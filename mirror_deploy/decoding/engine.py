@@ -1,0 +1,107 @@
+"""`Engine`: an artifact opened on its devices, generating with any mode (the Python API)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..artifact import Manifest, read_manifest
+from ..errors import MirrorDeployError
+from ..runtimes.kv import capacity_error
+from ..runtimes.loader import open_draft, open_target
+from ..targets import Profile, load_profile
+from .config import GenerationConfig
+from .draft import DraftRunner
+from .loops import autoregressive, speculative
+from .metrics import RunMetrics
+from .target import TargetRunner
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]
+    text: str | None
+    metrics: RunMetrics
+    summary: dict = field(default_factory=dict)
+
+
+def _check_sizes(folder: Path, manifest: Manifest) -> None:
+    """Cheap integrity check at start-up (`mirror-deploy check` verifies full hashes)."""
+    for name, graph in manifest.graphs.items():
+        for file in graph.sha256:
+            if not (folder / file).is_file():
+                raise MirrorDeployError(f"artifact {folder} is missing {file} ({name})",
+                                        "re-export it, or run `mirror-deploy check DIR` for details")
+
+
+class Engine:
+    """Construction options (artifact, profile) are fixed here; per-request settings go to generate()."""
+
+    def __init__(self, folder: str | Path, profile: str | Profile | None = None, load_draft: bool = True):
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        _check_sizes(self.folder, self.manifest)
+        if profile is None:
+            self.profile = Profile.from_dict(self.manifest.profile)
+        else:
+            self.profile = profile if isinstance(profile, Profile) else load_profile(profile)
+        self.target = TargetRunner(open_target(self.folder, self.manifest, self.profile), self.manifest)
+        self.draft = DraftRunner(open_draft(self.folder, self.manifest, self.profile), self.manifest) \
+            if load_draft else None
+        self.tokenizer = self._load_tokenizer()
+        self.eos = set(self.manifest.target.get("eos_token_ids") or [])
+
+    def _load_tokenizer(self):
+        if not self.manifest.tokenizer:
+            return None
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(str(self.folder / self.manifest.tokenizer))
+
+    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        if self.tokenizer is None:
+            raise MirrorDeployError("this artifact has no tokenizer, so text prompts cannot be encoded",
+                                    "pass token ids, or re-export from a checkpoint that has a tokenizer")
+        if chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise MirrorDeployError("the tokenizer has no chat template", "drop --chat")
+            return list(self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                           add_generation_prompt=True, tokenize=True))
+        return list(self.tokenizer.encode(prompt))
+
+    def check_capacity(self, prompt_len: int, cfg: GenerationConfig, gamma: int, budget: int) -> None:
+        """Refuse before any work what would overrun the compiled KV capacity."""
+        window = 0 if cfg.mode == "ar" else gamma + 1
+        branch_slots = gamma * (budget + 1) if cfg.mode == "mirror" else 0
+        need = prompt_len + cfg.max_new_tokens + window + branch_slots + 1
+        if need > self.manifest.max_context:
+            raise capacity_error(f"a {prompt_len}-token prompt + {cfg.max_new_tokens} new tokens", need,
+                                 self.manifest.max_context)
+
+    def generate(self, prompt: str | list[int], config: GenerationConfig | None = None, chat: bool = False,
+                 on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
+        cfg = (config or GenerationConfig()).validate()
+        ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise MirrorDeployError("the prompt is empty", "give at least one token of prompt")
+        gamma = cfg.gamma or self.manifest.gamma
+        budget = self.manifest.branch_batch if cfg.branch_budget is None else cfg.branch_budget
+        if budget > self.manifest.branch_batch and self.draft.static_seq:
+            raise MirrorDeployError(f"branch budget {budget} exceeds the static draft's {self.manifest.branch_batch}",
+                                    f"use at most {self.manifest.branch_batch} or re-export with a larger --branch-batch")
+        self.check_capacity(len(ids), cfg, gamma, budget)
+        if cfg.mode != "ar" and self.draft is None:
+            raise MirrorDeployError("this engine was opened without its draft", "open it with load_draft=True")
+        emit = on_tokens or (lambda new: None)
+        self.target.reset()
+        if cfg.mode == "ar":
+            tokens, metrics = autoregressive(self.target, ids, cfg, self.eos, emit)
+        else:
+            self.draft.reset()
+            tokens, metrics = speculative(self.target, self.draft, ids, cfg, gamma, budget, self.eos, emit)
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else None
+        return GenerationResult(tokens, text, metrics, metrics.summary())
+
+
+def load(folder: str | Path, profile: str | None = None) -> Engine:
+    """Open an exported artifact: `mirror_deploy.load("art").generate("Hello", GenerationConfig(...))`."""
+    return Engine(folder, profile)

@@ -1,0 +1,134 @@
+"""The decoding loops (gpt-fast style ladder): autoregressive, then speculative (vanilla SD and
+Mirror-SD share one loop; SD is Mirror without the early exit and without branches, in series)."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+from .branches import exit_hits
+from .config import GenerationConfig
+from .draft import DraftRunner
+from .metrics import RunMetrics, StepRecord
+from .sampling import TARGET_STREAM, choose, keyed_rng, warp
+from .target import TargetRunner
+from .verify import verify_greedy, verify_match, verify_rejection
+from .worker import DraftWorker, PartFailure, StepInputs
+
+Emit = Callable[[list[int]], None]
+
+
+def _target_call(fn, *args, part="target"):
+    try:
+        return fn(*args)
+    except PartFailure:
+        raise
+    except Exception as error:
+        raise PartFailure(part, "target device", error) from error
+
+
+def _finish(new: list[int], produced: int, cfg: GenerationConfig, eos: set[int]) -> tuple[list[int], bool]:
+    """Cut `new` at max_new_tokens and after an end-of-sequence token; say whether to stop."""
+    room = cfg.max_new_tokens - produced
+    cut = new[:room]
+    if cfg.stop_at_eos:
+        for i, tok in enumerate(cut):
+            if tok in eos:
+                return cut[:i + 1], True
+    return cut, len(cut) >= room
+
+
+def autoregressive(target: TargetRunner, prompt: list[int], cfg: GenerationConfig, eos: set[int],
+                   emit: Emit) -> tuple[list[int], RunMetrics]:
+    metrics = RunMetrics("ar", "-", prompt_tokens=len(prompt), gamma=0)
+    t0 = time.perf_counter()
+    _target_call(target.prefill, prompt[:-1])
+    metrics.t_prefill = time.perf_counter() - t0
+    out, root, step = [], prompt[-1], 0
+    t_start = time.perf_counter()
+    while True:
+        t_step = time.perf_counter()
+        pp = _target_call(target.prefix, [root], False)
+        sfx, t_suffix = _target_call(target.suffix, pp)
+        target.commit(pp, sfx, 1)
+        token, _ = choose(sfx["logits"][0, -1], cfg, keyed_rng(cfg.seed, step, TARGET_STREAM))
+        new, stop = _finish([token], len(out), cfg, eos)
+        out += new
+        emit(new)
+        metrics.add(StepRecord(0, 1, t_prefix=pp.seconds, t_suffix=t_suffix, t_step=time.perf_counter() - t_step))
+        root, step = token, step + 1
+        if stop:
+            break
+    metrics.t_decode, metrics.new_tokens = time.perf_counter() - t_start, len(out)
+    return out, metrics
+
+
+def _verify(window, logits: np.ndarray, cfg: GenerationConfig, step: int) -> tuple[int, int]:
+    if cfg.greedy:
+        return verify_greedy(window.tokens, logits.argmax(axis=-1))
+    p = warp(logits, cfg)
+    rng = keyed_rng(cfg.seed, step, TARGET_STREAM)
+    if cfg.verify_rule == "match":
+        return verify_match(window.tokens, p, rng)
+    return verify_rejection(window.tokens, p, window.probs, rng)
+
+
+def speculative(target: TargetRunner, draft: DraftRunner, prompt: list[int], cfg: GenerationConfig,
+                gamma: int, budget: int, eos: set[int], emit: Emit) -> tuple[list[int], RunMetrics]:
+    mirror = cfg.mode == "mirror"
+    overlapped = mirror and cfg.schedule == "overlapped"
+    metrics = RunMetrics(cfg.mode, cfg.schedule if mirror else "serial", prompt_tokens=len(prompt), gamma=gamma)
+    worker = DraftWorker(draft, overlapped)
+    try:
+        t0 = time.perf_counter()
+        pending = worker.run_inline(draft.prefill, prompt[:-1])
+        _target_call(target.prefill, prompt[:-1])
+        if pending is not None:
+            pending.result()
+        window = worker.run_inline(draft.rollout_fresh, prompt[-1], len(prompt) - 1, gamma, cfg, 0)
+        window = window.result() if overlapped else window
+        draft.take_busy()
+        metrics.t_prefill = time.perf_counter() - t0
+        out, context_len, step = [], len(prompt), 0
+        t_start = time.perf_counter()
+        while True:
+            t_step = time.perf_counter()
+            root_pos = context_len - 1
+            root = prompt[-1] if not out else out[-1]
+            pp = _target_call(target.prefix, [root, *window.tokens], mirror, part="target prefix")
+            handle = None
+            if mirror:
+                handle = worker.start(StepInputs(pp.exit_ids, pp.exit_logprobs, window.tokens, root_pos,
+                                                 gamma, budget, step + 1, cfg))
+            sfx, t_suffix = _target_call(target.suffix, pp, part="target suffix")
+            logits = sfx["logits"][0]
+            accepted, correction = _verify(window, logits, cfg, step)
+            t_wait = time.perf_counter()
+            record = StepRecord(accepted, accepted + 1, t_prefix=pp.seconds, t_suffix=t_suffix)
+            if mirror:
+                result = worker.finish(handle, accepted, correction)
+                record.branches, record.reused, record.fallback = result.branches, result.reused, not result.reused
+                record.t_draft = result.busy
+                hits = exit_hits(pp.exit_ids, logits.argmax(axis=-1))
+                record.exit_hits, record.exit_positions = int(hits.sum()), len(hits)
+                next_window = result.window
+            else:
+                next_window, _ = draft.advance(accepted, correction, window.tokens, root_pos, gamma, cfg,
+                                               step + 1, None)
+                record.t_draft = draft.take_busy()
+            record.t_exposed = time.perf_counter() - t_wait
+            target.commit(pp, sfx, accepted + 1)
+            new, stop = _finish(window.tokens[:accepted] + [correction], len(out), cfg, eos)
+            out += new
+            context_len += accepted + 1
+            emit(new)
+            record.t_step = time.perf_counter() - t_step
+            metrics.add(record)
+            window, step = next_window, step + 1
+            if stop:
+                break
+        metrics.t_decode, metrics.new_tokens = time.perf_counter() - t_start, len(out)
+        return out, metrics
+    finally:
+        worker.close()

@@ -1,0 +1,71 @@
+"""Structured per-step and per-run figures (what `--stats` and `--json` print)."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class StepRecord:
+    accepted: int                 # draft tokens accepted (A)
+    committed: int                # tokens committed this step (A + 1)
+    branches: int = 0             # branches the draft rolled out
+    reused: bool = False          # next window came from a pre-computed branch
+    fallback: bool = False        # next window needed a fresh rollout
+    exit_hits: int = 0            # window positions whose final token was in the early-exit top-κ
+    exit_positions: int = 0
+    t_prefix: float = 0.0
+    t_suffix: float = 0.0
+    t_draft: float = 0.0          # draft device busy time for this step
+    t_exposed: float = 0.0        # target side waiting on the draft after verification
+    t_step: float = 0.0
+
+
+@dataclass
+class RunMetrics:
+    mode: str
+    schedule: str
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    t_prefill: float = 0.0
+    t_decode: float = 0.0
+    gamma: int = 0
+    steps: list[StepRecord] = field(default_factory=list)
+
+    def add(self, step: StepRecord) -> None:
+        self.steps.append(step)
+
+    def summary(self) -> dict:
+        s = self.steps
+        n = max(len(s), 1)
+        total = lambda attr: float(sum(getattr(x, attr) for x in s))
+        positions = total("exit_positions")
+        hist = np.bincount([x.accepted for x in s], minlength=self.gamma + 1).tolist() if s else []
+        ideal = sum(x.t_prefix + max(x.t_suffix, x.t_draft) for x in s)
+        on_path = total("t_prefix") + total("t_suffix") + total("t_exposed")
+        return {
+            "mode": self.mode, "schedule": self.schedule,
+            "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
+            "tokens_per_s": self.new_tokens / self.t_decode if self.t_decode else 0.0,
+            "prefill_s": self.t_prefill, "decode_s": self.t_decode,
+            "steps": len(s),
+            "mean_accepted_tokens": total("committed") / n,   # tokens per target forward
+            "acceptance_histogram": hist,
+            "reuse_rate": total("reused") / n,
+            "fallback_frequency": total("fallback") / n,
+            "exit_hit_rate": total("exit_hits") / positions if positions else None,
+            "mean_branches": total("branches") / n,
+            "t_prefix_ms": 1e3 * total("t_prefix") / n,
+            "t_suffix_ms": 1e3 * total("t_suffix") / n,
+            "t_draft_ms": 1e3 * total("t_draft") / n,
+            "t_exposed_ms": 1e3 * total("t_exposed") / n,
+            "t_step_ms": 1e3 * total("t_step") / n,
+            "step_over_ideal": total("t_step") / ideal if ideal else None,
+            "python_ms_per_step": 1e3 * (total("t_step") - on_path) / n,
+        }
+
+    def trace_lines(self):
+        for i, step in enumerate(self.steps):
+            yield json.dumps({"step": i, **asdict(step)})

@@ -1,0 +1,122 @@
+"""The draft device's side of a Mirror-SD step, run on its own thread (overlapped) or inline (serial).
+
+Only token ids and log-probs cross: the early-exit top-κ and the window go in, the verdict (A, c) goes
+in when the target has it, and the next window comes out.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import MirrorDeployError
+from .branches import rank_branches
+from .config import GenerationConfig
+from .draft import BranchRun, DraftRunner, Window
+
+_ABORT = object()
+
+
+class PartFailure(MirrorDeployError):
+    def __init__(self, part: str, device: str, error: BaseException):
+        super().__init__(f"the {part} ({device}) failed: {type(error).__name__}: {error}",
+                         "check the device and the artifact (`mirror-deploy check DIR`)")
+        self.part = part
+
+
+@dataclass
+class DraftResult:
+    window: Window
+    reused: bool
+    branches: int
+    busy: float          # draft device time this step
+    resolved_at: float   # perf_counter when the verdict reached the draft side
+
+
+@dataclass
+class StepInputs:
+    exit_ids: np.ndarray
+    exit_logprobs: np.ndarray
+    drafts: list[int]
+    root_pos: int
+    gamma: int
+    budget: int
+    window_id: int
+    cfg: GenerationConfig
+
+
+class DraftWorker:
+    def __init__(self, draft: DraftRunner, overlapped: bool):
+        self.draft = draft
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="draft-device") if overlapped else None
+        self._verdict = None
+        self._ready = threading.Event()
+        self._run: BranchRun | None = None
+        self._inputs: StepInputs | None = None
+
+    # -- called by the target side -------------------------------------------------------------
+    def start(self, inputs: StepInputs):
+        """Begin the branch rollouts for the next window (returns at once when overlapped)."""
+        self._verdict, self._inputs = None, inputs
+        self._ready.clear()
+        if self.pool is not None:
+            return self.pool.submit(self._guarded, self._whole_step)
+        self._guarded(self._branch_phase)     # serial ablation: all branch work before the suffix
+        return None
+
+    def finish(self, handle: Future | None, accepted: int, correction: int) -> DraftResult:
+        """Deliver the verdict and wait for the next window."""
+        self._verdict = (accepted, correction)
+        self._ready.set()
+        if handle is not None:
+            return handle.result()
+        return self._guarded(self._advance_phase)
+
+    def run_inline(self, fn, *args):
+        """Draft work outside a step (prefill, first window), on the draft thread when overlapped."""
+        if self.pool is None:
+            return self._guarded(fn, *args)
+        return self.pool.submit(self._guarded, fn, *args)
+
+    def close(self) -> None:
+        self._verdict = _ABORT          # wakes a worker waiting for a verdict that will never come
+        self._ready.set()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- draft thread --------------------------------------------------------------------------
+    def _guarded(self, fn, *args):
+        try:
+            return fn(*args)
+        except MirrorDeployError:
+            raise
+        except Exception as error:  # a device error must name the part, never hang the other side
+            raise PartFailure("draft", getattr(self.draft.graph, "device", "?"), error) from error
+
+    def _poll(self):
+        verdict = self._verdict
+        return None if verdict is None or verdict is _ABORT else verdict
+
+    def _branch_phase(self) -> None:
+        s = self._inputs
+        chosen = rank_branches(s.exit_ids, s.exit_logprobs, s.drafts, s.budget)
+        poll = self._poll if self.pool is not None else (lambda: None)
+        self._run = self.draft.roll_out_branches(chosen, s.drafts, s.root_pos, s.cfg, s.window_id, poll)
+
+    def _advance_phase(self) -> DraftResult | None:
+        self._ready.wait()
+        if self._verdict is _ABORT:
+            return None
+        resolved_at = time.perf_counter()
+        s = self._inputs
+        accepted, correction = self._verdict
+        window, reused = self.draft.advance(accepted, correction, s.drafts, s.root_pos, s.gamma, s.cfg,
+                                            s.window_id, self._run)
+        return DraftResult(window, reused, len(self._run.branches), self.draft.take_busy(), resolved_at)
+
+    def _whole_step(self) -> DraftResult | None:
+        self._branch_phase()
+        return self._advance_phase()
