@@ -20,7 +20,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
 def tiny_tokenizer(vocab_size: int = 128) -> PreTrainedTokenizerFast:
     """One token per printable character, plus chat specials; padded to `vocab_size`."""
     chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
-    tokens = SPECIALS + chars
+    tokens = (SPECIALS + chars)[:vocab_size]
     tokens += [f"<extra_{i}>" for i in range(vocab_size - len(tokens))]
     core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
@@ -62,8 +62,20 @@ def perturbed(model, noise: float, seed: int):
     return draft
 
 
+def make_disagreeing(target, draft, token: int = 0) -> None:
+    """Make `draft` always propose `token` and `target` never choose it: a draft that never agrees.
+    The draft's final norm is zeroed, so all its logits are 0 and argmax is token 0; the target's
+    head row for that token is zeroed, so its logit 0 loses to the (positive) maximum of the others."""
+    assert token == 0, "argmax of all-zero logits is token 0"
+    with torch.no_grad():
+        for p in draft.get_output_embeddings().parameters():
+            p.zero_()
+        target.get_output_embeddings().weight[token].zero_()
+
+
 def build_tiny_pair(folder: Path, arch: str = "llama", target_layers: int = 4, draft_layers: int | None = None,
-                    noise: float = 0.3, seed: int = 0, vocab_size: int = 128) -> tuple[Path, Path]:
+                    noise: float = 0.3, seed: int = 0, vocab_size: int = 128,
+                    disagree: bool = False) -> tuple[Path, Path]:
     """Save a target and a draft checkpoint (with the tiny tokenizer) under `folder`."""
     folder = Path(folder)
     tok = tiny_tokenizer(vocab_size)
@@ -72,6 +84,8 @@ def build_tiny_pair(folder: Path, arch: str = "llama", target_layers: int = 4, d
         draft = perturbed(target, noise, seed + 1)
     else:
         draft = build_model(tiny_config(arch, draft_layers, vocab_size), seed + 1, scale=3.0)
+    if disagree:
+        make_disagreeing(target, draft)
     paths = []
     for name, model in (("target", target), ("draft", draft)):
         path = folder / name

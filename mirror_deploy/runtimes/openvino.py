@@ -57,6 +57,14 @@ def reshape_static(model: ov.Model, shapes: dict[str, list[int]]) -> ov.Model:
     return model
 
 
+def port_name(port) -> str:
+    """The graph-level name of a port: a reshaped, saved IR also carries internal names like
+    '/layers.0/self_attn/Slice_4_output_0' on the same port, and get_any_name() may pick those."""
+    names = sorted(port.get_names())
+    public = [n for n in names if not n.startswith("/")]
+    return (public or names)[0]
+
+
 class OvGraph:
     def __init__(self, path: Path, name: str, device: str = "CPU", threads: int | None = 1,
                  precision: str | None = None, static_shapes: dict[str, list[int]] | None = None,
@@ -69,9 +77,11 @@ class OvGraph:
         self.request = self.compiled.create_infer_request()
         self.name = name
         self.device = device
-        self.static_dims = static_dims if static_shapes else None
-        self.input_names = tuple(i.get_any_name() for i in self.compiled.inputs)
-        self.output_names = tuple(o.get_any_name() for o in self.compiled.outputs)
+        # Static artifacts are pinned at export (static_shapes=None here); their dims must still reach
+        # the caller, which pads every call to them.
+        self.static_dims = static_dims
+        self.input_names = tuple(port_name(i) for i in self.compiled.inputs)
+        self.output_names = tuple(port_name(o) for o in self.compiled.outputs)
         self.timer = CallTimer()
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

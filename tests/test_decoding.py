@@ -1,0 +1,267 @@
+"""Losslessness of every decoding mode, and the engine's failure paths."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from mirror_deploy.decoding.config import GenerationConfig as G
+from mirror_deploy.decoding.engine import Engine
+from mirror_deploy.errors import MirrorDeployError
+from mirror_deploy.export.pipeline import ExportOptions, export_artifact
+from mirror_deploy.tiny import build_tiny_pair
+
+QUIET = Console(quiet=True)
+PROMPTS = ["Hello world", "abc", "The quick brown fox", "x", "0123456789 tokens", "def f(n):"]
+SPEC_MODES = [("sd", "serial"), ("mirror", "serial"), ("mirror", "overlapped")]
+
+
+def _export(pair, folder, exit_layer, kappa, gamma=4, branch_batch=4, max_context=256):
+    return export_artifact(*pair, folder, ExportOptions(exit_layer=exit_layer, kappa=kappa, gamma=gamma,
+                                                        max_context=max_context, branch_batch=branch_batch), QUIET)
+
+
+@pytest.fixture(scope="module")
+def agreeing_pair(tmp_path_factory):
+    return build_tiny_pair(tmp_path_factory.mktemp("agree"), "llama", noise=0.05)
+
+
+@pytest.fixture(scope="module")
+def grid_engines(agreeing_pair, tmp_path_factory):
+    """Artifacts over (ℓe, κ): a shallow narrow exit and a deep wide one."""
+    root = tmp_path_factory.mktemp("grid")
+    return {(le, k): Engine(_export(agreeing_pair, root / f"e{le}k{k}", le, k)) for le, k in [(1, 2), (3, 32)]}
+
+
+def _ar(engine, prompt, n=24):
+    return engine.generate(prompt, G(max_new_tokens=n, mode="ar", stop_at_eos=False)).tokens
+
+
+@pytest.mark.parametrize("key", [(1, 2), (3, 32)])
+def test_greedy_equals_autoregressive_over_grid(grid_engines, key):
+    engine = grid_engines[key]
+    reused = fallback = 0
+    for prompt in PROMPTS:
+        expected = _ar(engine, prompt)
+        for gamma, budget in [(1, 1), (3, 4), (4, 0), (4, 2)]:
+            for mode, schedule in SPEC_MODES:
+                result = engine.generate(prompt, G(max_new_tokens=24, mode=mode, schedule=schedule, gamma=gamma,
+                                                   branch_budget=budget, stop_at_eos=False))
+                assert result.tokens == expected, (prompt, gamma, budget, mode, schedule)
+                if mode == "mirror":
+                    reused += sum(s.reused for s in result.metrics.steps)
+                    fallback += sum(s.fallback for s in result.metrics.steps)
+    assert reused > 0 and fallback > 0, (reused, fallback)
+
+
+def test_greedy_with_a_draft_that_never_agrees(tmp_path):
+    pair = build_tiny_pair(tmp_path, "llama", disagree=True)
+    engine = Engine(_export(pair, tmp_path / "art", 2, 16))
+    for prompt in PROMPTS[:3]:
+        expected = _ar(engine, prompt)
+        for mode, schedule in SPEC_MODES:
+            result = engine.generate(prompt, G(max_new_tokens=24, mode=mode, schedule=schedule, stop_at_eos=False))
+            assert result.tokens == expected
+            assert all(s.accepted == 0 for s in result.metrics.steps)  # it really never agreed
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_greedy_other_architectures(tiny_artifacts, arch):
+    engine = Engine(tiny_artifacts[arch])
+    for prompt in PROMPTS[:3]:
+        expected = _ar(engine, prompt)
+        for mode, schedule in SPEC_MODES:
+            assert engine.generate(prompt, G(max_new_tokens=24, mode=mode, schedule=schedule,
+                                             stop_at_eos=False)).tokens == expected
+
+
+def test_static_draft_greedy_equals_autoregressive(static_artifact):
+    engine = Engine(static_artifact)
+    assert engine.draft.static_seq == 5
+    for prompt in PROMPTS[:3]:
+        expected = _ar(engine, prompt)
+        assert engine.generate(prompt, G(max_new_tokens=24, stop_at_eos=False)).tokens == expected
+
+
+def test_partial_acceptance_rolls_kv_back(grid_engines):
+    """After steps that accept part of a window, both KV caches hold exactly the committed context:
+    the same K/V a fresh prefill of that context gives, and nothing of the rejected positions."""
+    engine = grid_engines[(3, 32)]
+    for prompt in PROMPTS:
+        result = engine.generate(prompt, G(max_new_tokens=30, stop_at_eos=False))
+        if any(0 < s.accepted < 4 for s in result.metrics.steps):
+            break
+    else:
+        pytest.fail("no prompt gave a partial acceptance")
+    ids = engine.encode(prompt)
+    committed = sum(s.committed for s in result.metrics.steps)
+    length = len(ids) - 1 + committed
+    assert engine.target.length == length and engine.draft.cache.committed == length
+    context = ids + result.tokens
+    assert len(context) >= length
+    kept_target = {k: v[:, :length].copy() for k, v in engine.target.prefix_kv.buffers.items()}
+    kept_draft = {k: v[:, :length].copy() for k, v in engine.draft.cache.buffers.items()}
+    engine.target.reset()
+    engine.target.prefill(context[:length])
+    engine.draft.reset()
+    engine.draft.prefill(context[:length])
+    for name, kept in kept_target.items():
+        np.testing.assert_allclose(kept, engine.target.prefix_kv.buffers[name][:, :length], atol=1e-5)
+    for name, kept in kept_draft.items():
+        np.testing.assert_allclose(kept, engine.draft.cache.buffers[name][:, :length], atol=1e-5)
+
+
+def test_seeded_sampling_reproduces(grid_engines):
+    engine = grid_engines[(3, 32)]
+    cfg = dict(max_new_tokens=20, temperature=0.9, top_p=0.95, seed=7, stop_at_eos=False)
+    a = engine.generate("abc", G(schedule="overlapped", **cfg)).tokens
+    b = engine.generate("abc", G(schedule="serial", **cfg)).tokens
+    assert a == b
+
+
+# ---- sampling keeps the target's distribution ----------------------------------------------------
+
+V = 12
+N_SAMPLES = 800
+
+
+@pytest.fixture(scope="module")
+def tiny_vocab(tmp_path_factory):
+    import torch
+    from transformers import AutoModelForCausalLM
+    root = tmp_path_factory.mktemp("vocab")
+    pair = build_tiny_pair(root, "llama", noise=0.5, vocab_size=V)
+    engine = Engine(_export(pair, root / "art", 2, 6, gamma=2, branch_batch=3, max_context=64))
+    model = AutoModelForCausalLM.from_pretrained(pair[0]).eval()
+    return engine, model, torch
+
+
+def _exact_marginals(model, torch, prompt, cfg, depth):
+    """Exact marginals of the first `depth` sampled tokens, by enumerating every continuation."""
+    from mirror_deploy.decoding.sampling import warp
+    seqs, weights, marginals = [list(prompt)], np.ones(1), []
+    for _ in range(depth):
+        with torch.no_grad():
+            logits = model(torch.tensor(seqs)).logits[:, -1].numpy()
+        p = warp(logits, cfg)                     # [n, V]
+        joint = weights[:, None] * p
+        marginals.append(joint.sum(axis=0))
+        seqs = [s + [v] for s in seqs for v in range(V)]
+        weights = joint.reshape(-1)
+    return marginals
+
+
+def _chi2_pvalue(counts, probs):
+    from scipy.stats import chisquare
+    expected = probs * counts.sum()
+    keep = expected >= 5                          # merge thin cells, as the test requires
+    obs = np.append(counts[keep], counts[~keep].sum())
+    exp = np.append(expected[keep], expected[~keep].sum())
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    return chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
+
+
+def _sample_counts(engine, prompt, cfg_kwargs, depth):
+    counts = np.zeros((depth, V))
+    for seed in range(N_SAMPLES):
+        tokens = engine.generate(prompt, G(seed=seed, max_new_tokens=depth, stop_at_eos=False, **cfg_kwargs)).tokens
+        for i, tok in enumerate(tokens[:depth]):
+            counts[i, tok] += 1
+    return counts
+
+
+@pytest.mark.parametrize("mode,rule,schedule", [("mirror", "rejection", "overlapped"),
+                                                ("mirror", "match", "serial"), ("sd", "rejection", "serial")])
+def test_sampling_keeps_target_distribution(tiny_vocab, mode, rule, schedule):
+    engine, model, torch = tiny_vocab
+    prompt = [3, 5, 7, 2]
+    cfg = dict(mode=mode, temperature=1.0, top_k=8, verify_rule=rule, schedule=schedule)
+    exact = _exact_marginals(model, torch, prompt, G(**cfg), 3)
+    counts = _sample_counts(engine, prompt, cfg, 3)
+    pvalues = [_chi2_pvalue(counts[i], exact[i]) for i in range(3)]
+    assert min(pvalues) > 1e-3, pvalues
+
+
+def test_chi_square_catches_a_lossy_rule(tiny_vocab, monkeypatch):
+    """The test above can fail: a rule that accepts every draft token gives the draft's distribution."""
+    engine, model, torch = tiny_vocab
+    import mirror_deploy.decoding.loops as loops
+    from mirror_deploy.decoding.sampling import sample
+    monkeypatch.setattr(loops, "verify_rejection",
+                        lambda drafts, p, q, rng: (len(drafts), sample(p[len(drafts)], rng)))
+    prompt = [3, 5, 7, 2]
+    cfg = dict(temperature=1.0, top_k=8, verify_rule="rejection", schedule="serial")
+    exact = _exact_marginals(model, torch, prompt, G(**cfg), 2)
+    counts = _sample_counts(engine, prompt, cfg, 2)
+    assert min(_chi2_pvalue(counts[i], exact[i]) for i in range(2)) < 1e-6
+
+
+# ---- failures ------------------------------------------------------------------------------------
+
+def _run_with_deadline(fn, seconds=30):
+    box = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed back to the test
+            box["error"] = e
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), "generation hung"
+    return box
+
+
+@pytest.mark.parametrize("schedule", ["overlapped", "serial"])
+def test_failing_draft_names_the_part(tiny_artifacts, schedule, monkeypatch):
+    engine = Engine(tiny_artifacts["llama"])
+    calls = {"n": 0}
+    real = engine.draft.graph.run
+
+    def flaky(feeds):
+        calls["n"] += 1
+        if calls["n"] > 6:
+            raise RuntimeError("NPU fell over")
+        return real(feeds)
+    monkeypatch.setattr(engine.draft.graph, "run", flaky)
+    box = _run_with_deadline(lambda: engine.generate("Hello world", G(max_new_tokens=40, schedule=schedule,
+                                                                      stop_at_eos=False)))
+    assert isinstance(box.get("error"), MirrorDeployError)
+    assert "draft" in str(box["error"]) and "NPU fell over" in str(box["error"])
+
+
+def test_failing_target_does_not_hang_the_draft(tiny_artifacts, monkeypatch):
+    engine = Engine(tiny_artifacts["llama"])
+    calls = {"n": 0}
+    real = engine.target.graphs.suffix.run
+
+    def flaky(feeds):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise RuntimeError("GPU fell over")
+        return real(feeds)
+    monkeypatch.setattr(engine.target.graphs.suffix, "run", flaky)
+    box = _run_with_deadline(lambda: engine.generate("Hello world", G(max_new_tokens=40, stop_at_eos=False)))
+    assert "target suffix" in str(box.get("error")) and "GPU fell over" in str(box["error"])
+
+
+def test_capacity_is_refused_before_any_work(tiny_artifacts):
+    engine = Engine(tiny_artifacts["llama"])
+    before = engine.target.graphs.prefix.timer.calls
+    with pytest.raises(MirrorDeployError) as info:
+        engine.generate("Hello world", G(max_new_tokens=250))
+    assert "max-context" in info.value.fix and "256" in info.value.problem
+    assert engine.target.graphs.prefix.timer.calls == before
+
+
+def test_stops_at_end_of_sequence(tiny_artifacts):
+    engine = Engine(tiny_artifacts["llama"])
+    free = engine.generate("Hello world", G(max_new_tokens=30, mode="ar", stop_at_eos=False)).tokens
+    engine.eos = {free[5]}
+    for mode in ("ar", "sd", "mirror"):
+        tokens = engine.generate("Hello world", G(max_new_tokens=30, mode=mode)).tokens
+        assert tokens == free[:free.index(free[5]) + 1]
