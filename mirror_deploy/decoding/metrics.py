@@ -53,10 +53,10 @@ class RunMetrics:
             "steps": len(s),
             "mean_accepted_tokens": total("committed") / n,   # tokens per target forward
             "acceptance_histogram": hist,
-            "reuse_rate": total("reused") / n,
-            "fallback_frequency": total("fallback") / n,
+            "reuse_rate": total("reused") / n if self.mode == "mirror" else None,
+            "fallback_frequency": total("fallback") / n if self.mode == "mirror" else None,
             "exit_hit_rate": total("exit_hits") / positions if positions else None,
-            "mean_branches": total("branches") / n,
+            "mean_branches": total("branches") / n if self.mode == "mirror" else None,
             "t_prefix_ms": 1e3 * total("t_prefix") / n,
             "t_suffix_ms": 1e3 * total("t_suffix") / n,
             "t_draft_ms": 1e3 * total("t_draft") / n,

@@ -1,0 +1,57 @@
+"""A benchmarked method: anything that turns prompt token ids into new token ids, timed.
+
+Our own modes and the peers (bench/peers.py) implement the same small protocol, so the runner can
+interleave them prompt by prompt on the same models and machine.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..decoding.config import GenerationConfig
+
+
+@dataclass
+class MethodRun:
+    tokens: list[int]
+    seconds: float                      # wall time of generation after the prompt (decode only)
+    prefill_seconds: float = 0.0
+    figures: dict = field(default_factory=dict)   # method-specific: acceptance, reuse, ...
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.tokens) / self.seconds if self.seconds else 0.0
+
+
+class Method(Protocol):
+    name: str
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, seed: int) -> MethodRun: ...
+
+    def close(self) -> None: ...
+
+
+class EngineMethod:
+    """One of our modes (ar, sd, mirror-serial, mirror) on an opened Engine."""
+
+    MODES = {"ar": ("ar", "serial"), "sd": ("sd", "serial"),
+             "mirror-serial": ("mirror", "serial"), "mirror": ("mirror", "overlapped")}
+
+    def __init__(self, engine, name: str, branch_budget: int | None = None, gamma: int | None = None):
+        self.engine, self.name = engine, name
+        self.mode, self.schedule = self.MODES[name]
+        self.branch_budget, self.gamma = branch_budget, gamma
+
+    def generate(self, prompt_ids, max_new_tokens, temperature=0.0, seed=0) -> MethodRun:
+        cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, mode=self.mode,
+                               schedule=self.schedule, branch_budget=self.branch_budget, gamma=self.gamma,
+                               stop_at_eos=False)
+        t0 = time.perf_counter()
+        result = self.engine.generate(prompt_ids, cfg)
+        total = time.perf_counter() - t0
+        m = result.metrics
+        return MethodRun(result.tokens, m.t_decode, total - m.t_decode, result.summary)
+
+    def close(self) -> None:
+        pass

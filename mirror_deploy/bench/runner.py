@@ -1,0 +1,146 @@
+"""Run methods over prompts, interleaved, and summarise: the `mirror-deploy bench` engine.
+
+Each prompt is run by every method in turn, the order rotated on each repeat, so slow drifts of a shared
+machine hit all methods alike. Every run is appended to results.jsonl as it finishes, so an interrupted
+run keeps what it measured.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .methods import Method
+from .specbench import BenchPrompt
+
+REFERENCE = "ar"
+
+
+@dataclass
+class BenchSettings:
+    max_new_tokens: int = 64
+    repeats: int = 1
+    temperature: float = 0.0
+    seed: int = 0
+
+
+def run(methods: list[Method], prompts: list[BenchPrompt], settings: BenchSettings, out_dir: Path,
+        console=None) -> list[dict]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    raw = out_dir / "results.jsonl"
+    records = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with open(raw, "a") as sink, Progress(*columns, console=console) as progress:
+        bar = progress.add_task("bench", total=len(prompts) * settings.repeats * len(methods))
+        for p in prompts:
+            for rep in range(settings.repeats):
+                shift = rep % len(methods)
+                for method in methods[shift:] + methods[:shift]:
+                    progress.update(bar, description=f"{p.task} q{p.question_id} {method.name}")
+                    result = method.generate(p.ids, settings.max_new_tokens, settings.temperature, settings.seed)
+                    record = {"task": p.task, "question_id": p.question_id, "repeat": rep, "method": method.name,
+                              "tokens": result.tokens, "seconds": result.seconds,
+                              "prefill_seconds": result.prefill_seconds, "tokens_per_s": result.tokens_per_s,
+                              "figures": result.figures}
+                    sink.write(json.dumps(record) + "\n")
+                    sink.flush()
+                    records.append(record)
+                    progress.advance(bar)
+    return records
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarise(records: list[dict]) -> dict:
+    """Per task and overall: speedup = mean tok/s of a method ÷ mean tok/s of `ar` (SpecBench's
+    definition), each prompt's tok/s being the median over repeats."""
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    reference = {}
+    for r in records:
+        if r["method"] == REFERENCE:
+            reference.setdefault((r["task"], r["question_id"]), r["tokens"])
+    per_prompt: dict[tuple, list[dict]] = {}
+    for r in records:
+        per_prompt.setdefault((r["task"], r["question_id"], r["method"]), []).append(r)
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+
+    def block(task_filter) -> dict:
+        rows = {}
+        for m in methods:
+            groups = [g for (task, _, meth), g in per_prompt.items() if meth == m and task_filter(task)]
+            if not groups:
+                continue
+            tps = [_median([r["tokens_per_s"] for r in g]) for g in groups]
+            fig = lambda key: _median([r["figures"].get(key) for g in groups for r in g])
+            same = [g[0]["tokens"] == reference.get((g[0]["task"], g[0]["question_id"])) for g in groups]
+            rows[m] = {"tokens_per_s": statistics.fmean(tps), "prompts": len(groups),
+                       "mean_accepted_tokens": fig("mean_accepted_tokens"), "reuse_rate": fig("reuse_rate"),
+                       "fallback_frequency": fig("fallback_frequency"), "t_exposed_ms": fig("t_exposed_ms"),
+                       "exit_hit_rate": fig("exit_hit_rate"), "acceptance": fig("acceptance"),
+                       "equal_to_ar": f"{sum(same)}/{len(same)}" if reference else "–"}
+        base = rows.get(REFERENCE, {}).get("tokens_per_s")
+        for row in rows.values():
+            row["speedup_vs_ar"] = row["tokens_per_s"] / base if base else None
+        return rows
+
+    return {"tasks": {t: block(lambda x, t=t: x == t) for t in tasks}, "overall": block(lambda x: True)}
+
+
+def _fmt(value, pattern):
+    return "–" if value is None else pattern.format(value)
+
+
+COLUMNS = [("tokens_per_s", "tok/s", "{:.2f}"), ("speedup_vs_ar", "× ar", "{:.2f}"),
+           ("mean_accepted_tokens", "accepted/fwd", "{:.2f}"), ("reuse_rate", "reuse", "{:.0%}"),
+           ("fallback_frequency", "fallback", "{:.0%}"), ("t_exposed_ms", "exposed ms", "{:.0f}"),
+           ("equal_to_ar", "= ar", "{}")]
+
+
+def markdown(summary: dict) -> str:
+    lines = []
+    for title, rows in [("overall", summary["overall"]), *summary["tasks"].items()]:
+        lines += [f"### {title}", "", "| method | " + " | ".join(c[1] for c in COLUMNS) + " |",
+                  "|---|" + "---|" * len(COLUMNS)]
+        for name, row in rows.items():
+            lines.append(f"| {name} | " + " | ".join(_fmt(row.get(k), f) for k, _, f in COLUMNS) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_outputs(summary: dict, out_dir: Path) -> list[Path]:
+    written = [out_dir / "summary.json", out_dir / "summary.md"]
+    written[0].write_text(json.dumps(summary, indent=2))
+    written[1].write_text(markdown(summary))
+    chart = _chart(summary, out_dir / "speedup.png")
+    return written + ([chart] if chart else [])
+
+
+def _chart(summary: dict, path: Path) -> Path | None:
+    try:
+        import matplotlib
+    except ImportError:
+        return None  # the caller says so: the chart needs the `bench` extra
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tasks = list(summary["tasks"]) + ["overall"]
+    methods = [m for m in summary["overall"] if m != REFERENCE]
+    fig, ax = plt.subplots(figsize=(1.6 * len(tasks) + 2, 4))
+    width = 0.8 / max(len(methods), 1)
+    for i, m in enumerate(methods):
+        values = [(summary["tasks"].get(t) or summary["overall"]).get(m, {}).get("speedup_vs_ar") or 0
+                  for t in tasks[:-1]] + [summary["overall"][m].get("speedup_vs_ar") or 0]
+        ax.bar([x + i * width for x in range(len(tasks))], values, width, label=m)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(tasks))], tasks, rotation=20)
+    ax.set_ylabel("speedup over autoregressive (tok/s ratio)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

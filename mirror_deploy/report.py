@@ -1,0 +1,68 @@
+"""Presenting a run: streaming text as tokens commit, and the figures with their units."""
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+FIGURES = [  # key, label, unit, format
+    ("tokens_per_s", "decode speed", "tok/s", "{:.2f}"),
+    ("new_tokens", "new tokens", "", "{}"),
+    ("prefill_s", "prefill (both devices)", "s", "{:.3f}"),
+    ("mean_accepted_tokens", "mean accepted tokens", "tok/target fwd", "{:.2f}"),
+    ("acceptance_histogram", "accepted-length histogram", "steps with A=0..γ", "{}"),
+    ("reuse_rate", "reuse rate", "", "{:.1%}"),
+    ("fallback_frequency", "fallback frequency", "", "{:.1%}"),
+    ("exit_hit_rate", "early-exit hit rate", "", "{:.1%}"),
+    ("mean_branches", "branches rolled out", "per step", "{:.1f}"),
+    ("t_prefix_ms", "T_prefix", "ms/step", "{:.1f}"),
+    ("t_suffix_ms", "T_suffix", "ms/step", "{:.1f}"),
+    ("t_draft_ms", "T_draft (device busy)", "ms/step", "{:.1f}"),
+    ("t_exposed_ms", "draft time exposed", "ms/step", "{:.1f}"),
+    ("t_step_ms", "step time", "ms/step", "{:.1f}"),
+    ("step_over_ideal", "step ÷ ideal (prefix+max(suffix,draft))", "", "{:.2f}"),
+    ("python_ms_per_step", "Python outside runtimes", "ms/step", "{:.2f}"),
+]
+
+
+class TextStream:
+    """Prints the decoded text as tokens commit; decodes the whole run each time so multi-byte
+    characters split across tokens come out whole."""
+
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out = tokenizer, out or sys.stdout
+        self.tokens: list[int] = []
+        self.printed = 0
+
+    def __call__(self, new: list[int]) -> None:
+        self.tokens += new
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):   # an incomplete character: wait for its next byte
+            return
+        self.out.write(text[self.printed:])
+        self.out.flush()
+        self.printed = len(text)
+
+    def close(self) -> None:
+        self.out.write("\n")
+        self.out.flush()
+
+
+def stats_table(summaries: dict[str, dict], title: str = "figures") -> Table:
+    """One column per run (e.g. mirror vs ar), one row per figure."""
+    table = Table(title=title)
+    table.add_column("figure")
+    table.add_column("unit", style="dim")
+    for name in summaries:
+        table.add_column(name, justify="right")
+    for key, label, unit, fmt in FIGURES:
+        values = [s.get(key) for s in summaries.values()]
+        if all(v is None or v == [] for v in values):
+            continue
+        table.add_row(label, unit, *("–" if v is None else fmt.format(v) for v in values))
+    return table
+
+
+def print_stats(summaries: dict[str, dict], console: Console | None = None, title: str = "figures") -> None:
+    (console or Console(stderr=True)).print(stats_table(summaries, title))
