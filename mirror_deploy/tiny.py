@@ -32,7 +32,7 @@ def tiny_tokenizer(vocab_size: int = 128) -> PreTrainedTokenizerFast:
 
 
 def tiny_config(arch: str = "llama", layers: int = 4, vocab_size: int = 128, hidden: int = 64,
-                max_positions: int = 512):
+                max_positions: int = 4096):
     if arch == "gpt2":
         return GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=4, n_positions=max_positions,
                           bos_token_id=1, eos_token_id=1)
@@ -62,6 +62,15 @@ def perturbed(model, noise: float, seed: int):
     return draft
 
 
+def truncated(model, layers: int):
+    """The target's first `layers` layers with its own norm and head: a cheap draft that agrees
+    with the target as often as its logit lens at that depth does."""
+    config = model.config.__class__.from_dict({**model.config.to_dict(), "num_hidden_layers": layers, "n_layer": layers})
+    draft = AutoModelForCausalLM.from_config(config).eval()
+    draft.load_state_dict(model.state_dict(), strict=False)
+    return draft
+
+
 def make_disagreeing(target, draft, token: int = 0) -> None:
     """Make `draft` always propose `token` and `target` never choose it: a draft that never agrees.
     The draft's final norm is zeroed, so all its logits are 0 and argmax is token 0; the target's
@@ -75,15 +84,17 @@ def make_disagreeing(target, draft, token: int = 0) -> None:
 
 def build_tiny_pair(folder: Path, arch: str = "llama", target_layers: int = 4, draft_layers: int | None = None,
                     noise: float = 0.3, seed: int = 0, vocab_size: int = 128,
-                    disagree: bool = False) -> tuple[Path, Path]:
+                    disagree: bool = False, hidden: int = 64, draft_from_target: bool = False) -> tuple[Path, Path]:
     """Save a target and a draft checkpoint (with the tiny tokenizer) under `folder`."""
     folder = Path(folder)
     tok = tiny_tokenizer(vocab_size)
-    target = build_model(tiny_config(arch, target_layers, vocab_size), seed, scale=3.0)
+    target = build_model(tiny_config(arch, target_layers, vocab_size, hidden), seed, scale=3.0)
     if draft_layers is None:
         draft = perturbed(target, noise, seed + 1)
+    elif draft_from_target:
+        draft = truncated(target, draft_layers)
     else:
-        draft = build_model(tiny_config(arch, draft_layers, vocab_size), seed + 1, scale=3.0)
+        draft = build_model(tiny_config(arch, draft_layers, vocab_size, hidden), seed + 1, scale=3.0)
     if disagree:
         make_disagreeing(target, draft)
     paths = []

@@ -118,6 +118,9 @@ def speculative(target: TargetRunner, draft: DraftRunner, prompt: list[int], cfg
                                                step + 1, None)
                 record.t_draft = draft.take_busy()
             record.t_exposed = time.perf_counter() - t_wait
+            # Draft runtime time the step waited for: in series all of it; overlapped, only the wait
+            # (which includes the draft's Python after the verdict, a slight overcount of runtime time).
+            record.t_draft_on_path = record.t_exposed if overlapped else record.t_draft
             target.commit(pp, sfx, accepted + 1)
             new, stop = _finish(window.tokens[:accepted] + [correction], len(out), cfg, eos)
             out += new

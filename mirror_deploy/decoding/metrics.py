@@ -20,6 +20,7 @@ class StepRecord:
     t_suffix: float = 0.0
     t_draft: float = 0.0          # draft device busy time for this step
     t_exposed: float = 0.0        # target side waiting on the draft after verification
+    t_draft_on_path: float = 0.0  # draft runtime time that the step waited for (all of it when serial)
     t_step: float = 0.0
 
 
@@ -44,7 +45,7 @@ class RunMetrics:
         positions = total("exit_positions")
         hist = np.bincount([x.accepted for x in s], minlength=self.gamma + 1).tolist() if s else []
         ideal = sum(x.t_prefix + max(x.t_suffix, x.t_draft) for x in s)
-        on_path = total("t_prefix") + total("t_suffix") + total("t_exposed")
+        on_path = total("t_prefix") + total("t_suffix") + total("t_draft_on_path")
         return {
             "mode": self.mode, "schedule": self.schedule,
             "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
