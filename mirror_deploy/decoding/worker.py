@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import MirrorDeployError
-from .branches import rank_branches
+from .branches import AcceptanceHistory, rank_branches
 from .config import GenerationConfig
 from .draft import BranchRun, DraftRunner, Window
 
@@ -56,6 +56,7 @@ class DraftWorker:
         self._ready = threading.Event()
         self._run: BranchRun | None = None
         self._inputs: StepInputs | None = None
+        self.history: AcceptanceHistory | None = None
 
     # -- called by the target side -------------------------------------------------------------
     def start(self, inputs: StepInputs):
@@ -102,7 +103,9 @@ class DraftWorker:
 
     def _branch_phase(self) -> None:
         s = self._inputs
-        chosen = rank_branches(s.exit_ids, s.exit_logprobs, s.drafts, s.budget)
+        if self.history is None or len(self.history.reached) != s.gamma:
+            self.history = AcceptanceHistory(s.gamma)
+        chosen = rank_branches(s.exit_ids, s.exit_logprobs, s.drafts, s.budget, self.history.rates())
         poll = self._poll if self.pool is not None else (lambda: None)
         self._run = self.draft.roll_out_branches(chosen, s.drafts, s.root_pos, s.cfg, s.window_id, poll)
 
@@ -113,6 +116,7 @@ class DraftWorker:
         resolved_at = time.perf_counter()
         s = self._inputs
         accepted, correction = self._verdict
+        self.history.observe(accepted)
         window, reused = self.draft.advance(accepted, correction, s.drafts, s.root_pos, s.gamma, s.cfg,
                                             s.window_id, self._run)
         return DraftResult(window, reused, len(self._run.branches), self.draft.take_busy(), resolved_at)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,18 +122,21 @@ def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: 
     exit_layer = validate(target, draft, opts, out)
     n, nd = target.shape.num_layers, draft.shape.num_layers
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    with staging_folder(out) as stage, Progress(*columns, console=console, transient=False) as progress:
+    with staging_folder(out) as stage, Progress(*columns, console=console, transient=True) as progress:
+        @contextmanager
         def step(text):
-            return progress.add_task(text, total=1)
+            """A spinner while it runs, then one line with its time (readable in CI logs too)."""
+            task, t0 = progress.add_task(text, total=1), time.perf_counter()
+            yield
+            progress.remove_task(task)
+            console.print(f"[green]✓[/] {text} [dim]{time.perf_counter() - t0:.1f} s[/]")
 
-        t = step(f"loading target {target.path.name}")
-        target_model = target.load_model()
-        target_tok = target.load_tokenizer()
-        progress.update(t, completed=1)
-        t = step(f"loading draft {draft.path.name}")
-        draft_model = draft.load_model()
-        _same_tokenizer(target_tok, draft.load_tokenizer())
-        progress.update(t, completed=1)
+        with step(f"loading target {target.path.name}"):
+            target_model = target.load_model()
+            target_tok = target.load_tokenizer()
+        with step(f"loading draft {draft.path.name}"):
+            draft_model = draft.load_model()
+            _same_tokenizer(target_tok, draft.load_tokenizer())
 
         graphs = {}
         parts = [("target_prefix", TargetPrefix(target.arch, target_model, exit_layer, opts.kappa),
@@ -140,28 +144,25 @@ def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: 
                  ("target_suffix", TargetSuffix(target.arch, target_model, exit_layer, n), target, range(exit_layer, n)),
                  ("draft", FullModel(draft.arch, draft_model, 0, nd), draft, range(0, nd))]
         for name, module, source, layers in parts:
-            t = step(f"exporting {name}.onnx (layers {layers.start}..{layers.stop - 1})")
-            inputs, outputs = graph_io(name, source.shape, layers, opts.kappa)
-            path = export_graph(module, inputs, outputs, source.shape, stage / f"{name}.onnx")
-            graphs[name] = _graph_entry(stage, path, layers)
-            progress.update(t, completed=1)
+            with step(f"exporting {name}.onnx (layers {layers.start}..{layers.stop - 1})"):
+                inputs, outputs = graph_io(name, source.shape, layers, opts.kappa)
+                path = export_graph(module, inputs, outputs, source.shape, stage / f"{name}.onnx")
+                graphs[name] = _graph_entry(stage, path, layers)
 
-        t = step(f"compiling draft to OpenVINO IR ({opts.draft_weights} weights)")
-        xml = convert_draft(stage / "draft.onnx", stage / "draft.xml", opts.draft_weights)
-        graphs["draft_ir"] = _graph_entry(stage, xml, range(0, nd), "openvino", weights=opts.draft_weights)
-        if profile.draft.static:
-            xml = convert_draft(stage / "draft.onnx", stage / "draft_static.xml", opts.draft_weights,
-                                draft_static_shapes(draft, opts))
-            graphs["draft_static"] = _graph_entry(stage, xml, range(0, nd), "openvino", True, opts.draft_weights)
-        progress.update(t, completed=1)
+        with step(f"compiling draft to OpenVINO IR ({opts.draft_weights} weights)"):
+            xml = convert_draft(stage / "draft.onnx", stage / "draft.xml", opts.draft_weights)
+            graphs["draft_ir"] = _graph_entry(stage, xml, range(0, nd), "openvino", weights=opts.draft_weights)
+            if profile.draft.static:
+                xml = convert_draft(stage / "draft.onnx", stage / "draft_static.xml", opts.draft_weights,
+                                    draft_static_shapes(draft, opts))
+                graphs["draft_static"] = _graph_entry(stage, xml, range(0, nd), "openvino", True, opts.draft_weights)
 
-        t = step("writing tokenizer and manifest")
-        if target_tok is not None:
-            target_tok.save_pretrained(stage / "tokenizer")
-        manifest = Manifest(
-            target=target.describe(), draft=draft.describe(), exit_layer=exit_layer, kappa=opts.kappa,
-            gamma=opts.gamma, max_context=opts.max_context, branch_batch=opts.branch_batch,
-            profile=profile.to_dict(), graphs=graphs, tokenizer="tokenizer" if target_tok is not None else None)
-        manifest.save(stage)
-        progress.update(t, completed=1)
+        with step("writing tokenizer and manifest"):
+            if target_tok is not None:
+                target_tok.save_pretrained(stage / "tokenizer")
+            manifest = Manifest(
+                target=target.describe(), draft=draft.describe(), exit_layer=exit_layer, kappa=opts.kappa,
+                gamma=opts.gamma, max_context=opts.max_context, branch_batch=opts.branch_batch,
+                profile=profile.to_dict(), graphs=graphs, tokenizer="tokenizer" if target_tok is not None else None)
+            manifest.save(stage)
     return out
