@@ -29,7 +29,7 @@ class GraphEntry:
     outputs: list[dict]
     layers: list[int]                # [first, stop) decoder layers inside
     static: bool = False
-    weights: str = "fp32"
+    weights: str = "fp32"            # draft: its weight format; target_prefix: the exit head's
 
 
 @dataclass

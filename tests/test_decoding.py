@@ -265,3 +265,35 @@ def test_stops_at_end_of_sequence(tiny_artifacts):
     for mode in ("ar", "sd", "mirror"):
         tokens = engine.generate("Hello world", G(max_new_tokens=30, mode=mode)).tokens
         assert tokens == free[:free.index(free[5]) + 1]
+
+
+# ---- branch choice and the early-exit head ---------------------------------------------------------
+
+def test_ranking_follows_the_acceptance_history():
+    from mirror_deploy.decoding.branches import CONTINUATION, AcceptanceHistory, rank_branches
+    ids = np.array([[5, 6, 7, 8], [1, 2, 3, 4], [9, 10, 11, 12]])
+    lp = np.log(np.array([[0.5, 0.2, 0.1, 0.05], [0.3, 0.3, 0.2, 0.1], [0.4, 0.3, 0.2, 0.1]]))
+    drafts = [5, 1]
+    history = AcceptanceHistory(2)
+    for _ in range(3):
+        history.observe(0)                    # the first draft token keeps being rejected
+    early = rank_branches(ids, lp, drafts, 3, history, continuation=True)
+    assert all(r == 1 for r, _ in early) and (1, 5) not in early   # depth 1, never the draft's own token
+    history = AcceptanceHistory(2)
+    for _ in range(10):
+        history.observe(2, bonus_guess_right=True)   # whole windows accepted, the bonus guess right
+    late = rank_branches(ids, lp, drafts, 3, history, continuation=True)
+    assert late[0] == CONTINUATION and any(r == 3 for r, _ in late[1:])
+
+
+def test_quantized_exit_head_changes_speed_not_output(agreeing_pair, tmp_path):
+    import onnx
+    art = export_artifact(*agreeing_pair, tmp_path / "q", ExportOptions(kappa=8, gamma=4, max_context=256,
+                                                                        branch_batch=4, exit_head_weights="int4"),
+                          QUIET)
+    ops = [n.op_type for n in onnx.load(str(art / "target_prefix.onnx")).graph.node]
+    assert ops.count("MatMulNBits") == 1 and "MatMul" in ops      # only the exit head was quantized
+    engine = Engine(art)
+    assert engine.manifest.graphs["target_prefix"].weights == "int4"
+    for prompt in PROMPTS[:3]:
+        assert engine.generate(prompt, G(max_new_tokens=24, stop_at_eos=False)).tokens == _ar(engine, prompt)

@@ -15,14 +15,24 @@ from ..artifact import Manifest
 from ..runtimes.base import CompiledGraph
 from ..runtimes.kv import COMMITTED, DraftCache
 from .config import GenerationConfig
+from .branches import CONTINUATION
 from .sampling import FRESH_STREAM, choose, keyed_rng
 
 
 @dataclass
 class Window:
-    """Draft tokens y1..yγ after `root`, with the draft's probabilities when sampling."""
-    tokens: list[int]
-    probs: list[np.ndarray | None]
+    """Draft tokens y1..yγ after `root`, with the draft's probabilities when sampling and the logits
+    rows they came from (the next step ranks branches with the draft's runner-up tokens)."""
+    tokens: list[int] = field(default_factory=list)
+    probs: list[np.ndarray | None] = field(default_factory=list)
+    logits: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, logits: np.ndarray, cfg: GenerationConfig, rng) -> int:
+        token, probs = choose(logits, cfg, rng)
+        self.tokens.append(token)
+        self.probs.append(probs)
+        self.logits.append(logits)
+        return token
 
 
 @dataclass
@@ -30,8 +40,15 @@ class Branch:
     depth: int                      # r: correction at window position r (γ+1 = bonus)
     token: int                      # v
     position: int                   # position of v
+    parent: int                     # slot v attends after
     slots: list[int] = field(default_factory=list)   # slots of v, z1, .. (fed tokens)
-    window: Window = field(default_factory=lambda: Window([], []))
+    window: Window = field(default_factory=Window)
+
+    def next_feed(self) -> tuple[int, int, int]:
+        """(token, parent slot, position) of this branch's next call."""
+        if not self.slots:
+            return self.token, self.parent, self.position
+        return self.window.tokens[-1], self.slots[-1], self.position + len(self.slots)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -42,6 +59,7 @@ class Branch:
 class BranchRun:
     branches: dict[tuple[int, int], Branch]
     bonus_slot: int | None          # slot of yγ when a bonus branch fed it
+    guess: int | None = None        # the draft's own guess for the bonus token (continuation root)
     calls: int = 0
     aborted: bool = False
     seconds: float = 0.0
@@ -94,11 +112,9 @@ class DraftRunner:
         logits = self.call(feed, parents, positions)[-1]
         self.cache.committed += len(missing)
         self.window_slots = [first + len(missing)]
-        window = Window([], [])
+        window = Window()
         for t in range(gamma):
-            token, probs = choose(logits, cfg, rng)
-            window.tokens.append(token)
-            window.probs.append(probs)
+            token = window.add(logits, cfg, rng)
             if t == gamma - 1:
                 break
             slot = self.cache.used
@@ -109,36 +125,42 @@ class DraftRunner:
     def roll_out_branches(self, branches: list[tuple[int, int]], drafts: list[int], root_pos: int,
                           cfg: GenerationConfig, window_id: int,
                           poll: Callable[[], tuple[int, int] | None]) -> BranchRun:
-        """Roll out γ tokens on every branch, batched one depth per call. Between calls `poll()` may
-        deliver the verification (A, c): then only branch (A+1, c) goes on, or none if it is absent."""
+        """Roll out γ tokens on every branch, batched one depth per call. `CONTINUATION` in `branches`
+        adds the bonus branch rooted at the draft's own guess after y_γ, which joins one call later.
+        Between calls `poll()` may deliver the verdict (A, c): then only branch (A+1, c) goes on, or
+        none if it is absent."""
         t0 = time.perf_counter()
         gamma = len(drafts)
         chain = self.window_slots
         run = BranchRun({}, None)
-        tokens, parents, positions, owners = [], [], [], []
-        if any(r == gamma + 1 for r, _ in branches):   # bonus branches extend y_γ, which has no K/V yet
+        continuation = CONTINUATION in branches
+        extra = []   # y_γ itself: bonus branches attend to it, and it has no K/V yet
+        if continuation or any(r == gamma + 1 for r, _ in branches):
             run.bonus_slot = self.cache.used
-            tokens, parents, positions, owners = [drafts[-1]], [chain[-1]], [root_pos + gamma], [None]
+            extra = [(drafts[-1], chain[-1], root_pos + gamma)]
         for r, v in branches:
-            b = Branch(r, v, root_pos + r)
-            run.branches[b.key] = b
-            tokens.append(v)
-            parents.append(chain[r - 1] if r <= gamma else run.bonus_slot)
-            positions.append(b.position)
-            owners.append(b)
+            if (r, v) != CONTINUATION:
+                parent = chain[r - 1] if r <= gamma else run.bonus_slot
+                run.branches[(r, v)] = Branch(r, v, root_pos + r, parent)
         active = list(run.branches.values())
-        rngs = {b.key: None if cfg.greedy else keyed_rng(cfg.seed, window_id, *b.key) for b in active}
-        while active:
+        rngs = {}
+        while active or extra:
+            feeds = extra + [b.next_feed() for b in active]
             first = self.cache.used
-            logits = self.call(tokens, parents, positions)
+            logits = self.call(*map(list, zip(*feeds)))
             run.calls += 1
-            for row, owner in enumerate(owners):
-                if owner is None:
-                    continue
-                owner.slots.append(first + row)
-                token, probs = choose(logits[row], cfg, rngs[owner.key])
-                owner.window.tokens.append(token)
-                owner.window.probs.append(probs)
+            for row, b in enumerate(active, start=len(extra)):
+                if b.key not in rngs:
+                    rngs[b.key] = None if cfg.greedy else keyed_rng(cfg.seed, window_id, *b.key)
+                b.slots.append(first + row)
+                b.window.add(logits[row], cfg, rngs[b.key])
+            if extra and continuation:
+                run.guess = int(np.argmax(logits[0]))          # the likeliest bonus token
+                key = (gamma + 1, run.guess)
+                if key not in run.branches:
+                    run.branches[key] = Branch(gamma + 1, run.guess, root_pos + gamma + 1, run.bonus_slot)
+                    active.append(run.branches[key])
+            extra = []
             active = [b for b in active if len(b.window.tokens) < gamma]
             verdict = poll()
             if verdict is not None:
@@ -147,10 +169,6 @@ class DraftRunner:
                     run.aborted = bool(active)
                     break
                 active = [b for b in active if b.key == needed]
-            owners = active
-            tokens = [b.window.tokens[-1] for b in active]
-            parents = [b.slots[-1] for b in active]
-            positions = [b.position + len(b.slots) for b in active]
         run.seconds = time.perf_counter() - t0
         return run
 

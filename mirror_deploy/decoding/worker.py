@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import MirrorDeployError
-from .branches import AcceptanceHistory, rank_branches
+from .branches import AcceptanceHistory, draft_view, rank_branches
 from .config import GenerationConfig
 from .draft import BranchRun, DraftRunner, Window
 
@@ -46,6 +46,7 @@ class StepInputs:
     budget: int
     window_id: int
     cfg: GenerationConfig
+    draft_logits: list | None = None   # the rows the window's tokens came from
 
 
 class DraftWorker:
@@ -105,7 +106,9 @@ class DraftWorker:
         s = self._inputs
         if self.history is None or len(self.history.reached) != s.gamma:
             self.history = AcceptanceHistory(s.gamma)
-        chosen = rank_branches(s.exit_ids, s.exit_logprobs, s.drafts, s.budget, self.history.rates())
+        view = draft_view(s.draft_logits, s.drafts) if s.draft_logits else None
+        chosen = rank_branches(s.exit_ids, s.exit_logprobs, s.drafts, s.budget, self.history, view,
+                               continuation=True)
         poll = self._poll if self.pool is not None else (lambda: None)
         self._run = self.draft.roll_out_branches(chosen, s.drafts, s.root_pos, s.cfg, s.window_id, poll)
 
@@ -116,7 +119,8 @@ class DraftWorker:
         resolved_at = time.perf_counter()
         s = self._inputs
         accepted, correction = self._verdict
-        self.history.observe(accepted)
+        guess = self._run.guess if self._run is not None else None
+        self.history.observe(accepted, None if accepted < s.gamma or guess is None else guess == correction)
         window, reused = self.draft.advance(accepted, correction, s.drafts, s.root_pos, s.gamma, s.cfg,
                                             s.window_id, self._run)
         return DraftResult(window, reused, len(self._run.branches), self.draft.take_busy(), resolved_at)

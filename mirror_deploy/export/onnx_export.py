@@ -82,3 +82,30 @@ def read_io(path: Path) -> tuple[list[dict], list[dict]]:
     initializers = {i.name for i in model.graph.initializer}
     inputs = [describe(v) for v in model.graph.input if v.name not in initializers]
     return inputs, [describe(v) for v in model.graph.output]
+
+
+def quantize_matmuls(path: Path, nodes: list[str], bits: int) -> None:
+    """Weight-only int4/int8 (MatMulNBits) for the named MatMuls, in place. Used for the early-exit
+    head: it only ranks branches, so its numerics change speed, never the committed output."""
+    import logging
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    model = onnx.load(str(path), load_external_data=True)
+    missing = set(nodes) - {n.name for n in model.graph.node}
+    if missing:
+        raise RuntimeError(f"{path.name} has no node(s) {sorted(missing)} to quantize")
+    # Excluding every other MatMul is what this quantizer honours (it quantized the target's own
+    # layers when given only nodes_to_include, which would make the output lossy).
+    others = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gather") and n.name not in nodes]
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=32, is_symmetric=True, accuracy_level=4,
+                                     nodes_to_exclude=others)
+    quantizer.process()
+    quantized = quantizer.model.model
+    side = path.with_name(path.name + ".data")
+    if side.exists():
+        side.unlink()
+    weight_bytes = sum(len(t.raw_data) for t in quantized.graph.initializer)  # ByteSize() fails past 2 GiB
+    onnx.save_model(quantized, str(path), save_as_external_data=weight_bytes > _EXTERNAL_DATA_BYTES,
+                    all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=1024)

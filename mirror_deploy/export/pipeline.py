@@ -20,9 +20,12 @@ from ..errors import MirrorDeployError
 from ..targets import Profile, load_profile
 from .graphs import FullModel, TargetPrefix, TargetSuffix
 from .loading import SourceModel, open_source
-from .onnx_export import export_graph, graph_files, read_io
+from .onnx_export import export_graph, graph_files, quantize_matmuls, read_io
 from .openvino_ir import WEIGHT_FORMATS, convert_draft, ir_io
 from .shapes import graph_io, static_dims
+
+EXIT_HEAD_FORMATS = {"fp32": None, "int8": 8, "int4": 4}
+EXIT_HEAD_NODE = "/lm_head/MatMul"   # the logit-lens head inside target_prefix.onnx
 
 
 @dataclass
@@ -35,6 +38,7 @@ class ExportOptions:
     profile: str = "cpu-sim"
     draft_weights: str = "fp32"
     force: bool = False
+    exit_head_weights: str = "fp32"   # int8/int4: cheaper early exit; it only ranks branches
 
 
 def validate(target: SourceModel, draft: SourceModel, opts: ExportOptions, out: Path) -> int:
@@ -52,6 +56,9 @@ def validate(target: SourceModel, draft: SourceModel, opts: ExportOptions, out: 
         raise MirrorDeployError(f"--gamma {opts.gamma} must be at least 1", "use a window such as 7")
     if opts.branch_batch < 1:
         raise MirrorDeployError(f"--branch-batch {opts.branch_batch} must be at least 1", "use e.g. 8")
+    if opts.exit_head_weights not in EXIT_HEAD_FORMATS:
+        raise MirrorDeployError(f"--exit-head-weights {opts.exit_head_weights!r} is unknown",
+                                f"use one of: {', '.join(EXIT_HEAD_FORMATS)}")
     if opts.draft_weights not in WEIGHT_FORMATS:
         raise MirrorDeployError(f"--draft-weights {opts.draft_weights!r} is unknown",
                                 f"use one of: {', '.join(WEIGHT_FORMATS)}")
@@ -147,7 +154,11 @@ def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: 
             with step(f"exporting {name}.onnx (layers {layers.start}..{layers.stop - 1})"):
                 inputs, outputs = graph_io(name, source.shape, layers, opts.kappa)
                 path = export_graph(module, inputs, outputs, source.shape, stage / f"{name}.onnx")
-                graphs[name] = _graph_entry(stage, path, layers)
+                bits = EXIT_HEAD_FORMATS[opts.exit_head_weights]
+                if name == "target_prefix" and bits:
+                    quantize_matmuls(path, [EXIT_HEAD_NODE], bits)
+                graphs[name] = _graph_entry(stage, path, layers,
+                                            weights=opts.exit_head_weights if name == "target_prefix" else "fp32")
 
         with step(f"compiling draft to OpenVINO IR ({opts.draft_weights} weights)"):
             xml = convert_draft(stage / "draft.onnx", stage / "draft.xml", opts.draft_weights)
