@@ -4,12 +4,12 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test demo bench-engine bench-runtimes clean
+.PHONY: install test demo bench-engine bench-runtimes ortgenai-builder clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,compress,bench]'
+	$(BIN)/pip install -q -e '.[test,compress,bench,peers]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -26,6 +26,13 @@ bench-engine: $(STAMP)
 
 bench-runtimes: $(STAMP)
 	$(BIN)/python -m mirror_deploy.bench.runtimes
+
+# onnxruntime-genai's model builder needs transformers 5.x, which clashes with our pins: it gets its own
+# venv, used only to build the peer's models (`--peers ort-genai-...`).
+ORTGENAI_VENV ?= /tmp/ortgenai-venv
+ortgenai-builder:
+	$(PY) -m venv $(ORTGENAI_VENV)
+	$(ORTGENAI_VENV)/bin/pip install -q torch==2.13.0 "transformers==5.23.*" "onnxruntime-genai==0.18.*" "onnx-ir==1.1.*"
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache

@@ -155,7 +155,9 @@ def bench(
     temperature: float = typer.Option(0.0, help="0 = greedy (outputs are compared with ar)."),
     repeats: int = typer.Option(1, help="Runs of each method per prompt (medians)."),
     modes: str = typer.Option("ar,sd,mirror-serial,mirror", help="Our modes, comma-separated."),
-    peers: str = typer.Option("", help="Peers, comma-separated (see `mirror_deploy.bench.peers`)."),
+    peers: str = typer.Option("", help="Peers, comma-separated: hf-target, hf-assisted[@K], "
+                              "ov-genai-{target,sd}@{1t,2t}, ort-genai-{target,sd}@{1t,2t}."),
+    max_prompt_tokens: Optional[int] = typer.Option(None, help="Skip prompts longer than this (prefill time)."),
     branch_budget: Optional[int] = typer.Option(None),
     gamma: Optional[int] = typer.Option(None),
     profile: Optional[str] = typer.Option(None),
@@ -176,18 +178,20 @@ def bench(
     if unknown:
         raise MirrorDeployError(f"unknown mode(s): {', '.join(unknown)}", f"use: {', '.join(EngineMethod.MODES)}")
     methods = [EngineMethod(engine, m, branch_budget, gamma) for m in names]
+    peer_factories = []
     if peers:
         from .bench.peers import make_peers
-        methods += make_peers([p for p in peers.split(",") if p], engine.manifest)
+        peer_factories = make_peers([p for p in peers.split(",") if p], engine.manifest)
     m = engine.manifest
     room = m.max_context - max_new_tokens - ((gamma or m.gamma) + 1) * ((branch_budget or m.branch_batch) + 2) - 1
+    room = min(room, max_prompt_tokens or room)
     prompts, skipped = load_prompts(engine.tokenizer, per_task, specbench, max_tokens=room)
     if skipped:
-        err.print(f"[yellow]note:[/] skipped {skipped} prompt(s) longer than {room} tokens "
-                  f"(the artifact's --max-context {m.max_context} minus generation room)")
+        err.print(f"[yellow]note:[/] passed over {skipped} prompt(s) longer than {room} tokens "
+                  f"(--max-prompt-tokens, or the artifact's --max-context {m.max_context} minus generation room)")
     settings = runner.BenchSettings(max_new_tokens, repeats, temperature)
     try:
-        records = runner.run(methods, prompts, settings, out, err)
+        records = runner.run(methods, prompts, settings, out, err, peer_factories)
     finally:
         for m in methods:
             m.close()

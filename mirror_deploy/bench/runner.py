@@ -10,6 +10,7 @@ import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -28,27 +29,41 @@ class BenchSettings:
 
 
 def run(methods: list[Method], prompts: list[BenchPrompt], settings: BenchSettings, out_dir: Path,
-        console=None) -> list[dict]:
+        console=None, peers: list[tuple[str, Callable[[], Method]]] = ()) -> list[dict]:
+    """`methods` stay loaded and are interleaved prompt by prompt. `peers` are (name, factory): each holds
+    its own copy of the models, so each is loaded once, run over the same prompts, and freed."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    raw = out_dir / "results.jsonl"
     records = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with open(raw, "a") as sink, Progress(*columns, console=console) as progress:
-        bar = progress.add_task("bench", total=len(prompts) * settings.repeats * len(methods))
+    total = len(prompts) * settings.repeats * (len(methods) + len(peers))
+    with open(out_dir / "results.jsonl", "a") as sink, Progress(*columns, console=console) as progress:
+        bar = progress.add_task("bench", total=total)
+
+        def one(method, p, rep):
+            progress.update(bar, description=f"{p.task} q{p.question_id} {method.name}")
+            result = method.generate(p.ids, settings.max_new_tokens, settings.temperature, settings.seed)
+            record = {"task": p.task, "question_id": p.question_id, "repeat": rep, "method": method.name,
+                      "tokens": result.tokens, "seconds": result.seconds, "prefill_seconds": result.prefill_seconds,
+                      "tokens_per_s": result.tokens_per_s, "figures": result.figures}
+            sink.write(json.dumps(record) + "\n")
+            sink.flush()
+            records.append(record)
+            progress.advance(bar)
+
         for p in prompts:
             for rep in range(settings.repeats):
-                shift = rep % len(methods)
+                shift = rep % max(len(methods), 1)
                 for method in methods[shift:] + methods[:shift]:
-                    progress.update(bar, description=f"{p.task} q{p.question_id} {method.name}")
-                    result = method.generate(p.ids, settings.max_new_tokens, settings.temperature, settings.seed)
-                    record = {"task": p.task, "question_id": p.question_id, "repeat": rep, "method": method.name,
-                              "tokens": result.tokens, "seconds": result.seconds,
-                              "prefill_seconds": result.prefill_seconds, "tokens_per_s": result.tokens_per_s,
-                              "figures": result.figures}
-                    sink.write(json.dumps(record) + "\n")
-                    sink.flush()
-                    records.append(record)
-                    progress.advance(bar)
+                    one(method, p, rep)
+        for name, factory in peers:
+            progress.update(bar, description=f"loading {name}")
+            method = factory()
+            try:
+                for p in prompts:
+                    for rep in range(settings.repeats):
+                        one(method, p, rep)
+            finally:
+                method.close()
     return records
 
 
