@@ -21,7 +21,7 @@ from .errors import MirrorDeployError
 from .export.onnx_export import read_io
 from .export.openvino_ir import ir_io
 from .reference import Reference
-from .runtimes.drive import DraftDriver, TargetDriver
+from .decoding.drive import DraftDriver, TargetDriver
 from .runtimes.kv import COMMITTED
 from .runtimes.loader import draft_graph_name, open_graph
 from .runtimes.openvino import core
@@ -260,16 +260,22 @@ def _fit(chunks: list[int], room: int) -> list[int]:
     return [max(1, min(chunks[0], room - extra)), *chunks[1:]] if room > extra else [room]
 
 
+def _side_by_side(step, reference_step, ids, chunks) -> tuple[list, list]:
+    """Feed the same consecutive chunks of `ids` to the graph under test and to the reference."""
+    got, want, at = [], [], 0
+    for size in chunks:
+        got.append(step(ids[at:at + size]))
+        want.append(reference_step(ids[at:at + size]))
+        at += size
+    return got, want
+
+
 def _target_parity(m: Manifest, graphs, ref: Reference, rng, vocab, report, atol) -> None:
     run = TargetDriver.for_manifest(graphs["target_prefix"], graphs["target_suffix"], m)
     mirror = TargetDriver.for_manifest(*ref.target_graphs(), m)
     chunks = _fit([11, m.gamma + 1, 1, m.gamma + 1], m.max_context)
     ids = rng.integers(0, vocab, sum(chunks))
-    got, wrap, at = [], [], 0
-    for size in chunks:
-        got.append(run.window(ids[at:at + size]))
-        wrap.append(mirror.window(ids[at:at + size]))
-        at += size
+    got, wrap = _side_by_side(run.window, mirror.window, ids, chunks)
     cat = {k: np.concatenate([g[k] for g in got]) for k in got[0]}
     wrap_logits = np.concatenate([w["logits"] for w in wrap])
     note = f"prefix→suffix, {len(ids)} tokens in windows {'+'.join(map(str, chunks))}"
@@ -327,11 +333,7 @@ def _draft_parity(m: Manifest, name: str, graph, ref: Reference, rng, vocab, rep
     mirror = DraftDriver.for_manifest(ref.draft_graph(static=static), m)
     chunks = _fit([11, 1, m.gamma], m.max_context - m.branch_batch - 1)
     ids = rng.integers(0, vocab, sum(chunks))
-    got, wrap, at = [], [], 0
-    for size in chunks:
-        got.append(run.commit(ids[at:at + size]))
-        wrap.append(mirror.commit(ids[at:at + size]))
-        at += size
+    got, wrap = _side_by_side(run.commit, mirror.commit, ids, chunks)
     tokens, parents = _tree(m.branch_batch + 1, rng, vocab)
     slots = [COMMITTED if p < 0 else run.call_slot(p) for p in parents]
     got.append(run.call(tokens, slots)[0])

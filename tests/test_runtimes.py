@@ -11,7 +11,7 @@ from mirror_deploy.artifact import read_manifest
 from mirror_deploy.errors import MirrorDeployError
 from mirror_deploy.reference import Reference
 from mirror_deploy.runtimes.devices import builtin_fits
-from mirror_deploy.runtimes.drive import DraftDriver, TargetDriver
+from mirror_deploy.decoding.drive import DraftDriver, TargetDriver
 from mirror_deploy.runtimes.kv import COMMITTED, DraftCache, KVCache
 from mirror_deploy.runtimes.loader import open_draft, open_graph
 from mirror_deploy.runtimes.onnxruntime import OrtGraph, require_provider

@@ -23,7 +23,7 @@ from rich.table import Table
 
 from ..artifact import read_manifest
 from ..export.pipeline import ExportOptions, export_artifact
-from ..runtimes.drive import DraftDriver, TargetDriver
+from ..decoding.drive import DraftDriver, TargetDriver
 from ..runtimes.base import only_known
 from ..runtimes.kv import COMMITTED, causal_mask
 from ..runtimes.loader import open_draft, open_target

@@ -62,7 +62,6 @@ class BranchRun:
     guess: int | None = None        # the draft's own guess for the bonus token (continuation root)
     calls: int = 0
     aborted: bool = False
-    seconds: float = 0.0
 
 
 class DraftRunner:
@@ -129,7 +128,6 @@ class DraftRunner:
         adds the bonus branch rooted at the draft's own guess after y_γ, which joins one call later.
         Between calls `poll()` may deliver the verdict (A, c): then only branch (A+1, c) goes on, or
         none if it is absent."""
-        t0 = time.perf_counter()
         gamma = len(drafts)
         chain = self.window_slots
         run = BranchRun({}, None)
@@ -169,7 +167,6 @@ class DraftRunner:
                     run.aborted = bool(active)
                     break
                 active = [b for b in active if b.key == needed]
-        run.seconds = time.perf_counter() - t0
         return run
 
     def advance(self, accepted: int, correction: int, drafts: list[int], root_pos: int, gamma: int,

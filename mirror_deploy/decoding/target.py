@@ -78,10 +78,3 @@ class TargetRunner:
             pp = self.prefix(chunk, exit_rows=False)
             out, _ = self.suffix(pp, rows=NO_ROWS)
             self.commit(pp, out, len(chunk))
-
-    def logits(self, window: list[int]) -> np.ndarray:
-        """Plain forward of a window through both graphs, K/V kept (autoregressive step)."""
-        pp = self.prefix(window, exit_rows=False)
-        out, _ = self.suffix(pp)
-        self.commit(pp, out, len(window))
-        return out["logits"][0]
