@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import MirrorDeployError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: the target as layer segments + one head; exit layer chosen per run
 MANIFEST = "manifest.json"
 
 
@@ -29,15 +29,17 @@ class GraphEntry:
     outputs: list[dict]
     layers: list[int]                # [first, stop) decoder layers inside
     static: bool = False
-    weights: str = "fp32"            # draft: its weight format; target_prefix: the exit head's
+    weights: str = "fp32"            # weight format of this graph: fp32 | fp16 | int8 | int4
 
 
 @dataclass
 class Manifest:
     target: dict
     draft: dict
-    exit_layer: int
-    kappa: int
+    exit_layer: int                  # the default exit layer of a run
+    exit_layers: list[int]           # segment boundaries: the exit layers a run may choose
+    target_weights: str
+    kappa: int                       # the heads' top-κ width: the most a run may use
     gamma: int
     max_context: int
     branch_batch: int
@@ -55,6 +57,11 @@ class Manifest:
         data = dict(data)
         data["graphs"] = {k: GraphEntry(**v) for k, v in data["graphs"].items()}
         return cls(**data)
+
+    def target_segments(self) -> list[str]:
+        """Graph names of the target's layer segments, first layer first."""
+        names = [k for k in self.graphs if k.startswith("target_seg")]
+        return sorted(names, key=lambda k: self.graphs[k].layers[0])
 
     def save(self, folder: Path) -> Path:
         path = folder / MANIFEST

@@ -38,27 +38,41 @@ def friendly(fn):
     return wrapper
 
 
+def _int_list(text: Optional[str], flag: str) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise MirrorDeployError(f"{flag} {text!r} is not a comma-separated list of integers",
+                                f"write e.g. {flag} 10,14,18,22") from None
+
+
 @app.command()
 @friendly
 def export(
     target: Path = typer.Argument(..., help="Target model: checkpoint folder or .gguf file."),
     draft: Path = typer.Option(..., "--draft", help="Draft model with the same tokenizer."),
     out: Path = typer.Option(..., "--out", help="Artifact folder to write."),
-    exit_layer: Optional[int] = typer.Option(None, help="Early-exit layer ℓe (default N/2)."),
+    exit_layer: Optional[int] = typer.Option(None, help="Default early-exit layer ℓe of runs (default N/2)."),
+    exit_layers: Optional[str] = typer.Option(None, help="Exit layers a run may choose, comma-separated "
+                                              "(the target is cut into segments there; default: around N/2)."),
     kappa: int = typer.Option(8, help="Early-exit top-κ width."),
     gamma: int = typer.Option(7, help="Draft window length γ."),
     max_context: int = typer.Option(1024, help="KV capacity: prompt + new tokens."),
     branch_batch: int = typer.Option(8, help="Most branches the draft decodes per call (static width − 1)."),
     profile: str = typer.Option("cpu-sim", help="Device profile name or .toml file."),
     draft_weights: str = typer.Option("fp32", help="Draft weight format for its device: fp32|fp16|int8|int4."),
-    exit_head_weights: str = typer.Option("fp32", help="Early-exit head: fp32|int8|int4 (it only ranks "
-                                          "branches, so this changes speed, never the output)."),
+    target_weights: str = typer.Option("fp32", help="Target weight format: fp32|int8|int4 (weight-only, "
+                                       "ONNX Runtime MatMulNBits)."),
+    exit_head_weights: str = typer.Option("shared", help="Early-exit head: shared (the target's own) or a "
+                                          "cheaper int8|int4 copy (it only ranks branches: speed, never output)."),
     force: bool = typer.Option(False, "--force", help="Replace DIR if it exists."),
 ):
     """Split the target into prefix/suffix graphs, export the draft, compile it, write the manifest."""
     from .export.pipeline import ExportOptions, export_artifact
-    opts = ExportOptions(exit_layer, kappa, gamma, max_context, branch_batch, profile, draft_weights, force,
-                         exit_head_weights)
+    opts = ExportOptions(exit_layer, _int_list(exit_layers, "--exit-layers"), kappa, gamma, max_context,
+                         branch_batch, profile, draft_weights, force, exit_head_weights, target_weights)
     path = export_artifact(target, draft, out, opts, err)
     err.print(f"[green]wrote[/] {path}")
 
@@ -117,6 +131,9 @@ def run(
     verify_rule: str = typer.Option("rejection", help="sampling: rejection | match"),
     branch_budget: Optional[int] = typer.Option(None, help="Branches per step (default: artifact's batch)."),
     gamma: Optional[int] = typer.Option(None, help="Window length (default: artifact's γ)."),
+    exit_layer: Optional[int] = typer.Option(None, help="Early-exit layer, one the artifact exported "
+                                             "(default: the artifact's)."),
+    kappa: Optional[int] = typer.Option(None, help="Early-exit top-κ (default: the artifact's κ, its most)."),
     profile: Optional[str] = typer.Option(None, help="Device profile (default: the artifact's)."),
     stats: bool = typer.Option(False, "--stats", help="Print the run's figures with units."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON record instead of streaming."),
@@ -130,7 +147,7 @@ def run(
     from .report import TextStream, print_stats
 
     cfg = GenerationConfig(max_new_tokens, temperature, top_k, top_p, seed, mode, schedule, verify_rule,
-                           branch_budget, gamma).validate()
+                           branch_budget, gamma, exit_layer, kappa).validate()
     text = _read_prompt(prompt, prompt_file)
     engine = Engine(artifact, profile)
     stream = None if json_out or engine.tokenizer is None else TextStream(engine.tokenizer)
@@ -160,6 +177,7 @@ def bench(
     max_prompt_tokens: Optional[int] = typer.Option(None, help="Skip prompts longer than this (prefill time)."),
     branch_budget: Optional[int] = typer.Option(None),
     gamma: Optional[int] = typer.Option(None),
+    exit_layer: Optional[int] = typer.Option(None, help="Early-exit layer (one the artifact exported)."),
     profile: Optional[str] = typer.Option(None),
     specbench: Optional[Path] = typer.Option(None, help="SpecBench question.jsonl (default ../shared/data)."),
     out: Path = typer.Option(Path("bench-results"), help="Folder for results.jsonl, summary.md/json, speedup.png."),
@@ -177,7 +195,8 @@ def bench(
     unknown = [m for m in names if m not in EngineMethod.MODES]
     if unknown:
         raise MirrorDeployError(f"unknown mode(s): {', '.join(unknown)}", f"use: {', '.join(EngineMethod.MODES)}")
-    methods = [EngineMethod(engine, m, branch_budget, gamma) for m in names]
+    methods = [EngineMethod(engine, m, branch_budget=branch_budget, gamma=gamma, exit_layer=exit_layer)
+               for m in names]
     peer_factories = []
     if peers:
         from .bench.peers import make_peers

@@ -11,9 +11,10 @@ import torch
 
 from .artifact import Manifest
 from .errors import MirrorDeployError
-from .export.graphs import FullModel, TargetPrefix, TargetSuffix
+from .export.graphs import FullModel, TargetHead, TargetSegment
 from .export.loading import SourceModel, open_source
-from .export.shapes import graph_io, static_dims
+from .axes import static_draft_dims
+from .export.shapes import graph_io
 from .runtimes.torch_ref import TorchGraph
 
 
@@ -53,19 +54,26 @@ class Reference:
         target.load_model(), draft.load_model()
         return cls(manifest, target, draft)
 
-    def target_graphs(self) -> tuple[TorchGraph, TorchGraph]:
+    def target_graphs(self) -> dict[str, TorchGraph]:
+        """The eager wrappers of every target graph, by the artifact's graph names."""
         m, src = self.manifest, self.target
-        n, le = src.shape.num_layers, m.exit_layer
-        return (_torch_graph(TargetPrefix(src.arch, src.model, le, m.kappa), "target_prefix", src, range(le), m.kappa),
-                _torch_graph(TargetSuffix(src.arch, src.model, le, n), "target_suffix", src, range(le, n)))
+        graphs = {}
+        for name in m.target_segments():
+            a, b = m.graphs[name].layers
+            graphs[name] = _torch_graph(TargetSegment(src.arch, src.model, a, b), "target_segment", src, range(a, b))
+        n = src.shape.num_layers
+        graphs["target_head"] = _torch_graph(TargetHead(src.arch, src.model, m.kappa), "target_head", src,
+                                             range(n, n), m.kappa)
+        if "exit_head" in m.graphs:
+            graphs["exit_head"] = graphs["target_head"]
+        return graphs
 
     def draft_graph(self, static: bool = False) -> TorchGraph:
         src = self.draft
         n = src.shape.num_layers
         graph = _torch_graph(FullModel(src.arch, src.model, 0, n), "draft", src, range(n))
         if static:  # feed it the same padded calls as the static graph
-            seq = self.manifest.branch_batch + 1
-            graph.static_dims = static_dims(seq=seq, past=self.manifest.max_context, rows=seq)
+            graph.static_dims = static_draft_dims(self.manifest.branch_batch, self.manifest.max_context)
         return graph
 
     def target_logits(self, ids) -> np.ndarray:
@@ -74,10 +82,10 @@ class Reference:
     def draft_logits(self, ids) -> np.ndarray:
         return _forward(self.draft.model, ids).logits[0].numpy()
 
-    def logit_lens(self, ids) -> np.ndarray:
-        """Log-probs of the final norm + LM head applied to the hidden state after layer ℓe."""
+    def logit_lens(self, ids, layer: int) -> np.ndarray:
+        """Log-probs of the final norm + LM head applied to the hidden state after `layer` layers."""
         src = self.target
-        hidden = _forward(src.model, ids, output_hidden_states=True).hidden_states[self.manifest.exit_layer]
+        hidden = _forward(src.model, ids, output_hidden_states=True).hidden_states[layer]
         with torch.no_grad():
             logits = src.model.lm_head(src.arch.final_norm_of(src.model)(hidden))
         return torch.log_softmax(logits, dim=-1)[0].numpy()

@@ -65,7 +65,10 @@ def perturbed(model, noise: float, seed: int):
 def truncated(model, layers: int):
     """The target's first `layers` layers with its own norm and head: a cheap draft that agrees
     with the target as often as its logit lens at that depth does."""
-    config = model.config.__class__.from_dict({**model.config.to_dict(), "num_hidden_layers": layers, "n_layer": layers})
+    data = {**model.config.to_dict(), "num_hidden_layers": layers, "n_layer": layers}
+    if data.get("layer_types"):   # Qwen2 configs list one attention type per layer
+        data["layer_types"] = data["layer_types"][:layers]
+    config = model.config.__class__.from_dict(data)
     draft = AutoModelForCausalLM.from_config(config).eval()
     draft.load_state_dict(model.state_dict(), strict=False)
     return draft

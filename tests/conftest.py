@@ -10,6 +10,8 @@ from mirror_deploy.export.pipeline import ExportOptions, export_artifact
 from mirror_deploy.tiny import build_tiny_pair
 
 ARCHS = ("llama", "qwen2", "gpt2")
+# Real weights are pulled once into the user's cache, not the per-session one the tests otherwise use.
+REAL_MODEL_CACHE = os.environ.get("MIRROR_DEPLOY_CACHE") or str(Path.home() / ".cache" / "mirror-deploy")
 
 
 @pytest.fixture(scope="session", autouse=True)

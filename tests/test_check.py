@@ -75,14 +75,14 @@ def test_edited_number_in_manifest(tiny_artifacts, tmp_path):
     assert not report.ok
     bad = _rows(report, FAIL)
     assert [(r.check, r.graph) for r in bad] == [("manifest", MANIFEST)]
-    assert "exit_ids ends in 4, the manifest implies 5" in bad[0].detail
+    assert "top_ids ends in 4, the manifest implies 5" in bad[0].detail
     assert all(r.result == PASS for r in report.rows if r.check == "hash")
 
 
 @pytest.mark.parametrize("damage,file,phrase", [
     ("truncate", "draft.bin", "hash differs from the manifest (edited or truncated)"),
-    ("edit", "target_suffix.onnx", "hash differs from the manifest (edited or truncated)"),
-    ("delete", "target_prefix.onnx", "missing"),
+    ("edit", "target_seg2.onnx", "hash differs from the manifest (edited or truncated)"),
+    ("delete", "target_head.onnx", "missing"),
 ])
 def test_damaged_graph_file_is_named(tiny_artifacts, tmp_path, damage, file, phrase):
     art = _copy(tiny_artifacts["llama"], tmp_path)
@@ -139,9 +139,9 @@ def test_profile_with_absent_devices(static_artifact):
     assert result.exit_code == 1
     report = check_artifact(static_artifact, profile="cuda-npu", skip_parity=True)
     failed = {r.graph: r for r in _rows(report, FAIL)}
-    assert set(failed) == {"target_prefix", "target_suffix", "draft_static"}
+    assert set(failed) == {"target_seg0", "target_seg1", "target_seg2", "target_seg3", "target_head", "draft_static"}
     assert "'NPU' is not present" in failed["draft_static"].detail and "CPU" in failed["draft_static"].fix
-    assert "CUDAExecutionProvider" in failed["target_prefix"].detail
+    assert "CUDAExecutionProvider" in failed["target_head"].detail
     compiled = [r for r in report.rows if r.check == "compile" and r.graph == "draft_static"]
     assert [r.result for r in compiled] == [PASS] and "CPU for the NPU" in compiled[0].detail
     assert "present devices: CPU" in text
@@ -159,3 +159,26 @@ def test_wrong_structure_manifest(tiny_artifacts, tmp_path):
     (art / MANIFEST).write_text(json.dumps(data))
     report = check_artifact(art)
     assert [(r.check, r.graph, r.result) for r in report.rows] == [("manifest", MANIFEST, FAIL)]
+
+
+def test_relative_paths_export_then_check_from_another_directory(tiny_pairs, tmp_path, monkeypatch):
+    """The config hash once included `_name_or_path` (the path as typed), so every relative export
+    failed parity with 'source model changed'."""
+    target, draft = tiny_pairs["llama"]
+    work = tmp_path / "work"
+    shutil.copytree(target.parent, work / "hf")
+    monkeypatch.chdir(work)
+    result = runner.invoke(cli.app, ["export", "hf/target", "--draft", "hf/draft", "--out", "art",
+                                     "--kappa", "4", "--gamma", "4", "--max-context", "256"])
+    assert result.exit_code == 0, result.output
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path / "other")
+    result, text = _check_cli("../work/art")
+    assert result.exit_code == 0 and "0 failed" in text, text
+
+
+def test_fp32_limit_scales_with_the_logits():
+    from mirror_deploy.check import ATOL, RTOL, fp32_limit
+    import numpy as np
+    assert fp32_limit(np.array([0.5, -2.0]), ATOL) == ATOL               # tiny logits: the floor
+    assert fp32_limit(np.array([31.0, -12.0]), ATOL) == pytest.approx(RTOL * 31.0)   # real-model scale

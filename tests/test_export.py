@@ -34,7 +34,7 @@ def test_exported_graphs_match_pytorch(tiny_artifacts, arch):
     report = check_artifact(tiny_artifacts[arch])
     assert report.ok and {r.result for r in report.rows} == {PASS}, [r for r in report.rows if r.result != PASS]
     parity = {(r.check, r.graph): r for r in report.rows if r.check.startswith("parity")}
-    assert set(parity) == {("parity logits", "target"), ("parity top-κ", "target_prefix"),
+    assert set(parity) == {("parity logits", "target"), *(("parity top-κ", f"exit@{b}") for b in (1, 2, 3)),
                            ("parity logits", "draft"), ("parity logits", "draft_ir")}
     assert all(r.error is not None and r.error <= 1e-4 for r in parity.values())
 
@@ -80,8 +80,11 @@ BAD_INPUTS = [
     ("bare bert config", "target", _bare_bert, [], ["unsupported architecture 'bert'"]),
     ("no config.json", "target", _no_config, [], ["has no config.json"]),
     ("gpt_neox", "target", _neox, [], ["unsupported architecture 'gpt_neox'", "llama"]),
-    ("exit layer 0", None, None, ["--exit-layer", 0], ["--exit-layer 0 is outside [1, 3]"]),
-    ("exit layer N", None, None, ["--exit-layer", 4], ["--exit-layer 4 is outside [1, 3]"]),
+    ("exit layer 0", None, None, ["--exit-layer", 0], ["exit layer 0 is outside [1, 3]"]),
+    ("exit layer N", None, None, ["--exit-layer", 4], ["exit layer 4 is outside [1, 3]"]),
+    ("exit layers", None, None, ["--exit-layers", "1,9"], ["exit layer 9 is outside [1, 3]"]),
+    ("exit layers text", None, None, ["--exit-layers", "1;2"], ["--exit-layers '1;2' is not a comma-separated"]),
+    ("target weights", None, None, ["--target-weights", "int3"], ["--target-weights 'int3' is unknown"]),
     ("kappa 0", None, None, ["--kappa", 0], ["--kappa 0 must be in [1, 128]"]),
     ("kappa > vocab", None, None, ["--kappa", 129], ["--kappa 129 must be in [1, 128]"]),
     ("gamma 0", None, None, ["--gamma", 0], ["--gamma 0 must be at least 1"]),

@@ -13,7 +13,7 @@ from mirror_deploy.reference import Reference
 from mirror_deploy.runtimes.devices import builtin_fits
 from mirror_deploy.decoding.drive import DraftDriver, TargetDriver
 from mirror_deploy.runtimes.kv import COMMITTED, DraftCache, KVCache
-from mirror_deploy.runtimes.loader import open_draft, open_graph
+from mirror_deploy.runtimes.loader import open_draft, open_graph, target_graph_names, target_graphs
 from mirror_deploy.runtimes.onnxruntime import OrtGraph, require_provider
 from mirror_deploy.runtimes.openvino import OvGraph, require_device
 from mirror_deploy.targets import PartProfile, Profile
@@ -29,8 +29,8 @@ def refs(tiny_artifacts):
 
 
 def _target(folder, manifest, part):
-    return TargetDriver.for_manifest(*(open_graph(folder, manifest, g, part, g)
-                                       for g in ("target_prefix", "target_suffix")), manifest)
+    opened = {g: open_graph(folder, manifest, g, part, g) for g in target_graph_names(manifest)}
+    return TargetDriver.for_manifest(target_graphs(manifest, opened), manifest)
 
 
 def _draft(folder, manifest, name, part=OV_CPU):
@@ -42,7 +42,7 @@ def _draft(folder, manifest, name, part=OV_CPU):
 def test_target_graphs_match_torch_wrappers(tiny_artifacts, refs, arch, part):
     folder, ref = tiny_artifacts[arch], refs[arch]
     m = ref.manifest
-    run, mirror = _target(folder, m, part), TargetDriver.for_manifest(*ref.target_graphs(), m)
+    run, mirror = _target(folder, m, part), TargetDriver.for_manifest(target_graphs(m, ref.target_graphs()), m)
     ids = rng.integers(0, 128, 20)
     for a, b in [(0, 9), (9, 14), (14, 15), (15, 20)]:  # prefill, then windows with the cache
         got, want = run.window(ids[a:b]), mirror.window(ids[a:b])
@@ -144,7 +144,7 @@ def test_absent_devices_name_the_present_ones(tiny_artifacts):
         OvGraph(folder / "draft.xml", "draft", "NPU")
     assert "'NPU' is not present" in err.value.problem and "present devices: CPU" in err.value.fix
     with pytest.raises(MirrorDeployError) as err:
-        OrtGraph(folder / "target_prefix.onnx", "target_prefix", "cuda")
+        OrtGraph(folder / "target_head.onnx", "target_head", "cuda")
     assert "CUDAExecutionProvider" in err.value.problem and "CPUExecutionProvider" in err.value.fix
     with pytest.raises(MirrorDeployError) as err:
         require_device("AUTO:NPU,CPU")

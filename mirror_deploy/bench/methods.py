@@ -38,15 +38,15 @@ class EngineMethod:
     MODES = {"ar": ("ar", "serial"), "sd": ("sd", "serial"),
              "mirror-serial": ("mirror", "serial"), "mirror": ("mirror", "overlapped")}
 
-    def __init__(self, engine, name: str, branch_budget: int | None = None, gamma: int | None = None):
+    def __init__(self, engine, name: str, **overrides):
+        """`overrides`: GenerationConfig fields to pin (branch_budget, gamma, exit_layer, kappa); None = default."""
         self.engine, self.name = engine, name
         self.mode, self.schedule = self.MODES[name]
-        self.branch_budget, self.gamma = branch_budget, gamma
+        self.overrides = {k: v for k, v in overrides.items() if v is not None}
 
     def generate(self, prompt_ids, max_new_tokens, temperature=0.0, seed=0) -> MethodRun:
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, mode=self.mode,
-                               schedule=self.schedule, branch_budget=self.branch_budget, gamma=self.gamma,
-                               stop_at_eos=False)
+                               schedule=self.schedule, stop_at_eos=False, **self.overrides)
         t0 = time.perf_counter()
         result = self.engine.generate(prompt_ids, cfg)
         total = time.perf_counter() - t0

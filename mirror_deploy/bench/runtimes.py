@@ -3,7 +3,7 @@
 (a) Wrapper overhead: OrtGraph.run / OvGraph.run against the raw ONNX Runtime session / OpenVINO infer
     request on the same prebuilt feeds, one tiny draft decode call, A/B interleaved (order alternating),
     medians. Goal: the wrapper adds ≤ 10% to a call.
-(b) Overlap through our runtimes: target windows (prefix + suffix on ONNX Runtime, 8 tokens, through
+(b) Overlap through our runtimes: target windows (segments + head on ONNX Runtime, 8 tokens, through
     TargetDriver) in one thread and draft calls (8 tokens on OpenVINO, through DraftDriver) in another,
     on a medium random model so each call is tens of ms. Serial time ÷ concurrent time; 2.0 is perfect
     overlap, goal ≥ 1.8.
@@ -93,7 +93,7 @@ def _loops(folder: Path, prefill: int = 64) -> dict[str, tuple]:
     m = read_manifest(folder)
     profile = load_profile("cpu-sim")
     graphs = open_target(folder, m, profile)
-    target = TargetDriver.for_manifest(graphs.prefix, graphs.suffix, m)
+    target = TargetDriver.for_manifest(graphs, m)
     draft = DraftDriver.for_manifest(open_draft(folder, m, profile), m)
     ids = np.random.default_rng(0).integers(0, m.target["vocab_size"], prefill + WINDOW)
     target.window(ids[:prefill])
@@ -110,17 +110,21 @@ def _loops(folder: Path, prefill: int = 64) -> dict[str, tuple]:
 
     common = {"input_ids": window[None], "position_ids": np.arange(prefill, prefill + WINDOW)[None],
               "attention_mask": causal_mask(prefill, WINDOW, prefill), "output_rows": np.arange(WINDOW)}
-    head = only_known({**common, **target.prefix_kv.past_feeds(False)}, graphs.prefix.input_names)
-    hidden = graphs.prefix.run(head)["hidden_states"]
-    tail = only_known({**common, "hidden_states": hidden, **target.suffix_kv.past_feeds(False)},
-                      graphs.suffix.input_names)
+    # The raw target step: every segment's session, then the head's, on prebuilt feeds.
+    raw_calls, hidden = [], window[None]
+    for i, graph in enumerate(graphs.segments):
+        feeds = only_known({**common, "input_ids": hidden, "hidden_states": hidden, **target.kv[i].past_feeds(False)},
+                           graph.input_names)
+        hidden = graph.session.run(None, feeds)[0]
+        raw_calls.append((graph.session, feeds))
+    raw_calls.append((graphs.head.session, {"hidden_states": hidden}))
     draft_feeds = only_known(draft.cache.call_feeds(window, chain, range(prefill, prefill + WINDOW))[0],
                              draft.graph.input_names)
-    prefix_session, suffix_session, request = graphs.prefix.session, graphs.suffix.session, draft.graph.request
+    request = draft.graph.request
 
     def raw_target():
-        prefix_session.run(None, head)
-        suffix_session.run(None, tail)
+        for session, feeds in raw_calls:
+            session.run(None, feeds)
 
     def raw_draft():
         request.start_async(draft_feeds, share_inputs=True)

@@ -22,6 +22,8 @@ class GenerationConfig:
     verify_rule: str = "rejection"    # sampling only: rejection (uses draft q) or match (paper's operator)
     branch_budget: int | None = None  # mirror: branches the draft rolls out per step (None = artifact's batch)
     gamma: int | None = None          # window length (None = artifact's γ)
+    exit_layer: int | None = None     # mirror: early-exit layer, one the artifact exported (None = its default)
+    kappa: int | None = None          # mirror: early-exit top-κ width (None = the artifact's κ, its most)
     stop_at_eos: bool = True
 
     @property
@@ -39,6 +41,7 @@ class GenerationConfig:
             (self.top_k >= 0, "top_k must be >= 0", "use 0 to turn it off"),
             (self.branch_budget is None or self.branch_budget >= 0, "branch budget must be >= 0", "use e.g. 4"),
             (self.gamma is None or self.gamma >= 1, "gamma must be >= 1", "use e.g. 4"),
+            (self.kappa is None or self.kappa >= 1, "kappa must be >= 1", "use e.g. 8"),
         ]
         for ok, problem, fix in checks:
             if not ok:

@@ -19,8 +19,10 @@ class TargetDriver(TargetRunner):
     """A TargetRunner that runs whole windows at any start, rolling back first."""
 
     @classmethod
-    def for_manifest(cls, prefix, suffix, manifest) -> "TargetDriver":
-        return cls(TargetGraphs(prefix, suffix), manifest)
+    def for_manifest(cls, graphs: TargetGraphs, manifest, exit_layer: int | None = None) -> "TargetDriver":
+        driver = cls(graphs, manifest)
+        driver.configure(exit_layer or manifest.exit_layer, manifest.kappa)
+        return driver
 
     @property
     def used(self) -> int:
@@ -28,7 +30,8 @@ class TargetDriver(TargetRunner):
 
     def rollback(self, used: int) -> None:
         """Keep the first `used` positions; later slots are stale and never read again."""
-        self.prefix_kv.used = self.suffix_kv.used = used
+        for cache in self.kv:
+            cache.used = used
 
     def window(self, ids, start: int | None = None) -> dict[str, np.ndarray]:
         """Run `ids` at positions start.. (default: right after the cache); a start below the cache

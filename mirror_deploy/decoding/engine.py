@@ -1,6 +1,7 @@
 """`Engine`: an artifact opened on its devices, generating with any mode (the Python API)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -45,7 +46,13 @@ class Engine:
             self.profile = Profile.from_dict(self.manifest.profile)
         else:
             self.profile = profile if isinstance(profile, Profile) else load_profile(profile)
-        self.target = TargetRunner(open_target(self.folder, self.manifest, self.profile), self.manifest)
+        part = self.profile.target
+        # Two one-thread stages in a pipeline use two cores for the prompt; a runtime that already uses
+        # every core (threads 0 or > 1) or an accelerator gains nothing from it.
+        pipeline = part.backend == "onnxruntime" and part.device.lower() == "cpu" and part.threads == 1 \
+            and (os.cpu_count() or 1) >= 2
+        self.target = TargetRunner(open_target(self.folder, self.manifest, self.profile), self.manifest,
+                                   pipeline_prefill=pipeline)
         self.draft = DraftRunner(open_draft(self.folder, self.manifest, self.profile), self.manifest) \
             if load_draft else None
         self.tokenizer = self._load_tokenizer()
@@ -54,8 +61,8 @@ class Engine:
     def _load_tokenizer(self):
         if not self.manifest.tokenizer:
             return None
-        from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(str(self.folder / self.manifest.tokenizer))
+        from ..tokenizer import load_tokenizer
+        return load_tokenizer(self.folder / self.manifest.tokenizer, self.manifest.target.get("model_type"))
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
         if self.tokenizer is None:
@@ -89,6 +96,7 @@ class Engine:
             raise MirrorDeployError(f"branch budget {budget} exceeds the static draft's {self.manifest.branch_batch}",
                                     f"use at most {self.manifest.branch_batch} or re-export with a larger --branch-batch")
         self.check_capacity(len(ids), cfg, gamma, budget)
+        self.target.configure(cfg.exit_layer or self.manifest.exit_layer, cfg.kappa or self.manifest.kappa)
         if cfg.mode != "ar" and self.draft is None:
             raise MirrorDeployError("this engine was opened without its draft", "open it with load_draft=True")
         emit = on_tokens or (lambda new: None)

@@ -1,12 +1,19 @@
-"""The target side: prefix and suffix graphs over position-indexed KV."""
+"""The target side: layer segments and one head over position-indexed KV.
+
+The artifact holds the target as segments cut at the exported exit layers, and one head (final norm + LM
+head + top-κ). A run composes them: the prefix is the segments before its exit layer plus the head on the
+exit rows (the early exit), the suffix is the remaining segments plus the head on the verified rows.
+"""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..artifact import Manifest
+from ..errors import MirrorDeployError
 from ..runtimes.kv import KVCache, causal_mask
 from ..runtimes.loader import TargetGraphs
 
@@ -15,66 +22,132 @@ NO_ROWS = np.zeros(0, np.int64)
 
 @dataclass
 class PrefixPass:
-    """One window through layers [0, ℓe): what the suffix and the draft need."""
-    feeds: dict
-    outputs: dict
-    seconds: float
+    """One window through the segments before the exit layer: what the suffix and the draft need."""
+    feeds: dict                       # position_ids, attention_mask of the window
+    seq: int
+    hidden: np.ndarray                # hidden state at the exit layer [1, seq, d]
+    segment_outputs: dict[int, dict] = field(default_factory=dict)   # segment index -> its new K/V
+    exit: dict | None = None          # head outputs on the exit rows (top_ids, top_logprobs)
+    kappa: int = 0
+    seconds: float = 0.0
 
     @property
     def exit_ids(self) -> np.ndarray:
-        return self.outputs["exit_ids"][0]
+        return self.exit["top_ids"][0, :, :self.kappa]
 
     @property
     def exit_logprobs(self) -> np.ndarray:
-        return self.outputs["exit_logprobs"][0]
+        return self.exit["top_logprobs"][0, :, :self.kappa]
 
 
 class TargetRunner:
-    def __init__(self, graphs: TargetGraphs, manifest: Manifest, prefill_chunk: int = 256):
-        t, le = manifest.target, manifest.exit_layer
+    def __init__(self, graphs: TargetGraphs, manifest: Manifest, prefill_chunk: int = 256,
+                 pipeline_prefill: bool = False):
+        t = manifest.target
         self.graphs = graphs
-        self.prefix_kv = KVCache(range(0, le), manifest.max_context, t["kv_heads"], t["head_dim"])
-        self.suffix_kv = KVCache(range(le, t["num_layers"]), manifest.max_context, t["kv_heads"], t["head_dim"])
+        self.kv = [KVCache(range(a, b), manifest.max_context, t["kv_heads"], t["head_dim"]) for a, b in graphs.layers]
         self.capacity = manifest.max_context
         self.prefill_chunk = prefill_chunk
+        self.exit_layers = [a for a, _ in graphs.layers[1:]]
+        self.kappa_max = manifest.kappa
+        # Prefill runs the first half of the segments and the second half on two threads at once (a
+        # two-stage pipeline over prompt chunks) when each segment's runtime uses one thread.
+        self._pipeline = ThreadPoolExecutor(1, thread_name_prefix="target-prefill") if pipeline_prefill else None
+        self.configure(manifest.exit_layer, manifest.kappa)
+
+    def configure(self, exit_layer: int, kappa: int) -> None:
+        """Choose the run's exit layer (an exported segment boundary) and top-κ width."""
+        if exit_layer not in self.exit_layers:
+            raise MirrorDeployError(f"exit layer {exit_layer} was not exported in this artifact",
+                                    f"use one of {', '.join(map(str, self.exit_layers))}, or re-export with "
+                                    f"--exit-layers including {exit_layer}")
+        if not 1 <= kappa <= self.kappa_max:
+            raise MirrorDeployError(f"kappa {kappa} is outside the artifact's 1..{self.kappa_max}",
+                                    f"use at most {self.kappa_max}, or re-export with a larger --kappa")
+        self.split = self.exit_layers.index(exit_layer) + 1   # segments [0, split) form the prefix
+        self.kappa = kappa
+
+    def close(self) -> None:
+        if self._pipeline is not None:
+            self._pipeline.shutdown(wait=True)
 
     @property
     def length(self) -> int:
-        return self.prefix_kv.used
+        return self.kv[0].used
 
     def reset(self) -> None:
-        self.prefix_kv.used = self.suffix_kv.used = 0
+        for cache in self.kv:
+            cache.used = 0
+
+    def window_feeds(self, start: int, seq: int) -> dict:
+        return {"position_ids": np.arange(start, start + seq, dtype=np.int64)[None],
+                "attention_mask": causal_mask(start, seq, max(start, 1))}
+
+    def run_segments(self, first: int, stop: int, hidden: np.ndarray, feeds: dict, outputs: dict) -> np.ndarray:
+        """Segments [first, stop) over one window; their new K/V go into `outputs` by segment index."""
+        for i in range(first, stop):
+            key = "input_ids" if i == 0 else "hidden_states"
+            out = self.graphs.segments[i].run({key: hidden, **feeds, **self.kv[i].past_feeds(False)})
+            outputs[i] = out
+            hidden = out["hidden_out"]
+        return hidden
+
+    def head(self, hidden: np.ndarray, rows: np.ndarray, exit_head: bool = False) -> dict:
+        graph = (self.graphs.exit_head or self.graphs.head) if exit_head else self.graphs.head
+        return graph.run({"hidden_states": np.ascontiguousarray(hidden[:, rows])})
 
     def prefix(self, window: list[int], exit_rows: bool) -> PrefixPass:
-        start, seq = self.length, len(window)
-        feeds = {
-            "input_ids": np.asarray(window, np.int64)[None],
-            "position_ids": np.arange(start, start + seq, dtype=np.int64)[None],
-            "attention_mask": causal_mask(start, seq, self.prefix_kv.past_len(False)),
-            "output_rows": np.arange(seq, dtype=np.int64) if exit_rows else NO_ROWS,
-        }
+        seq = len(window)
+        feeds = self.window_feeds(self.length, seq)
         t0 = time.perf_counter()
-        outputs = self.graphs.prefix.run({**feeds, **self.prefix_kv.past_feeds(False)})
-        return PrefixPass(feeds, outputs, time.perf_counter() - t0)
+        pp = PrefixPass(feeds, seq, np.asarray(window, np.int64)[None], kappa=self.kappa)
+        pp.hidden = self.run_segments(0, self.split, pp.hidden, feeds, pp.segment_outputs)
+        if exit_rows:
+            pp.exit = self.head(pp.hidden, np.arange(seq), exit_head=True)
+        pp.seconds = time.perf_counter() - t0
+        return pp
 
     def suffix(self, pp: PrefixPass, rows: np.ndarray | None = None) -> tuple[dict, float]:
-        feeds = {**pp.feeds, "hidden_states": pp.outputs["hidden_states"],
-                 "output_rows": np.arange(pp.feeds["input_ids"].shape[1], dtype=np.int64) if rows is None else rows}
+        """The remaining segments, then the head on `rows` (default: every window row)."""
+        rows = np.arange(pp.seq) if rows is None else rows
         t0 = time.perf_counter()
-        outputs = self.graphs.suffix.run({**feeds, **self.suffix_kv.past_feeds(False)})
-        return outputs, time.perf_counter() - t0
+        hidden = self.run_segments(self.split, len(self.kv), pp.hidden, pp.feeds, pp.segment_outputs)
+        logits = self.head(hidden, rows)["logits"] if len(rows) else np.zeros((1, 0, 0), np.float32)
+        return {"logits": logits}, time.perf_counter() - t0
 
-    def commit(self, pp: PrefixPass, suffix_out: dict, keep: int) -> None:
+    def commit(self, pp: PrefixPass, suffix_out: dict | None, keep: int) -> None:
         """Keep the K/V of the window's first `keep` positions (root + accepted); drop the rest."""
-        at = self.length
-        self.prefix_kv.write(pp.outputs, at, slice(0, keep))
-        self.suffix_kv.write(suffix_out, at, slice(0, keep))
-        self.prefix_kv.used = self.suffix_kv.used = at + keep
+        self.commit_segments(pp.segment_outputs, range(len(self.kv)), self.length, keep)
+
+    def commit_segments(self, outputs: dict, segments, at: int, keep: int) -> None:
+        for i in segments:
+            self.kv[i].write(outputs[i], at, slice(0, keep))
+            self.kv[i].used = at + keep
 
     def prefill(self, tokens: list[int]) -> None:
         """K/V for `tokens` (all but the last prompt token: that one is the first window's root)."""
-        for i in range(0, len(tokens), self.prefill_chunk):
-            chunk = tokens[i:i + self.prefill_chunk]
-            pp = self.prefix(chunk, exit_rows=False)
-            out, _ = self.suffix(pp, rows=NO_ROWS)
-            self.commit(pp, out, len(chunk))
+        n, half = len(self.kv), (len(self.kv) + 1) // 2
+        pipelined = self._pipeline is not None and n > 1 and len(tokens) > self.prefill_chunk
+        pending = None
+        try:
+            for at in range(0, len(tokens), self.prefill_chunk):
+                chunk = np.asarray(tokens[at:at + self.prefill_chunk], np.int64)[None]
+                start = self.length
+                feeds, outputs = self.window_feeds(start, chunk.shape[1]), {}
+                if not pipelined:
+                    self.run_segments(0, n, chunk, feeds, outputs)
+                    self.commit_segments(outputs, range(n), start, chunk.shape[1])
+                    continue
+                hidden = self.run_segments(0, half, chunk, feeds, outputs)
+                self.commit_segments(outputs, range(half), start, chunk.shape[1])
+                if pending is not None:
+                    pending.result()        # the back half of the previous chunk, before this one's
+                pending = self._pipeline.submit(self._back_half, half, hidden, feeds, start, chunk.shape[1])
+        finally:
+            if pending is not None:
+                pending.result()
+
+    def _back_half(self, half: int, hidden, feeds, start: int, seq: int) -> None:
+        outputs: dict = {}
+        self.run_segments(half, len(self.kv), hidden, feeds, outputs)
+        self.commit_segments(outputs, range(half, len(self.kv)), start, seq)

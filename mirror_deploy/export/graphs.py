@@ -1,4 +1,4 @@
-"""Torch modules that become the three exported graphs: target prefix, target suffix, draft.
+"""Torch modules that become the exported graphs: target segments, the target head, the draft.
 
 Each wraps a slice of the HF model's own decoder layers, so the numerics are the model's own. Past K/V
 come in as flat tensors; a small cache object hands them to the HF attention and captures the new K/V.
@@ -45,27 +45,29 @@ class _LayerSlice(nn.Module):
         return self.model.lm_head(self.arch.final_norm_of(self.model)(hidden))
 
 
-class TargetPrefix(_LayerSlice):
-    """Embeddings + layers [0, exit_layer) + logit-lens early exit (top-kappa ids and log-probs)."""
+class TargetSegment(_LayerSlice):
+    """Layers [start, stop) of the target. The first segment embeds the tokens; the others take the
+    hidden state of the segment before. Prefix and suffix are compositions of segments at run time, so
+    the exit layer is any segment boundary, chosen per run."""
 
-    def __init__(self, arch, model, exit_layer: int, kappa: int):
-        super().__init__(arch, model, 0, exit_layer)
-        self.kappa = kappa
-
-    def forward(self, input_ids, position_ids, attention_mask, output_rows, *flat_past):
-        hidden = self.arch.embed_tokens(self.model, input_ids, position_ids)
+    def forward(self, first, position_ids, attention_mask, *flat_past):
+        hidden = self.arch.embed_tokens(self.model, first, position_ids) if self.start == 0 else first
         hidden, new_kv = self.run_layers(hidden, position_ids, attention_mask, flat_past)
-        logprobs = torch.log_softmax(self.head_logits(hidden, output_rows), dim=-1)
-        top = torch.topk(logprobs, self.kappa, dim=-1)
-        return (top.indices, top.values, hidden, *new_kv)
+        return (hidden, *new_kv)
 
 
-class TargetSuffix(_LayerSlice):
-    """Layers [exit_layer, N) + final norm + LM head."""
+class TargetHead(nn.Module):
+    """Final norm + LM head, stored once and used twice per step: on the exit rows (the logit lens at
+    the exit layer: top-κ ids and log-probs) and on the verified rows (logits)."""
 
-    def forward(self, hidden_states, position_ids, attention_mask, output_rows, *flat_past):
-        hidden, new_kv = self.run_layers(hidden_states, position_ids, attention_mask, flat_past)
-        return (self.head_logits(hidden, output_rows), *new_kv)
+    def __init__(self, arch, model, kappa: int):
+        super().__init__()
+        self.arch, self.model, self.kappa = arch, model, kappa
+
+    def forward(self, hidden_states):
+        logits = self.model.lm_head(self.arch.final_norm_of(self.model)(hidden_states))
+        top = torch.topk(torch.log_softmax(logits, dim=-1), self.kappa, dim=-1)
+        return logits, top.indices, top.values
 
 
 class FullModel(_LayerSlice):

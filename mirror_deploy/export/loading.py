@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from ..artifact import sha256_file
 from ..errors import MirrorDeployError
+from ..tokenizer import load_tokenizer
 from .architectures import ArchSpec, arch_for
 from .shapes import ModelShape
 
@@ -40,7 +41,7 @@ class SourceModel:
     def load_tokenizer(self):
         where, extra = self.gguf_args()
         try:
-            return AutoTokenizer.from_pretrained(where, **extra)
+            return load_tokenizer(where, self.config.model_type, **extra)
         except (OSError, ValueError, TypeError):
             return None
 
@@ -63,11 +64,21 @@ class SourceModel:
         digest = hashlib.sha256()
         for w in weights:
             digest.update(sha256_file(w).encode())
-        config = json.dumps(self.config.to_dict(), sort_keys=True, default=str)
+        config = json.dumps(model_defining(self.config.to_dict()), sort_keys=True, default=str)
         return {"path": str(self.path.resolve()), "model_type": self.shape.model_type,
                 "eos_token_ids": self.eos_token_ids(),
                 "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
                 "weights_sha256": digest.hexdigest(), **self.shape.to_dict()}
+
+
+# Keys that say where or with what a config was read or written, not what the model is: `_name_or_path`
+# is the path as typed (relative at export, absolute at check), so hashing it failed every relative export.
+_PROVENANCE_KEYS = ("transformers_version",)
+
+
+def model_defining(config: dict) -> dict:
+    """The config without provenance: private `_…` keys and the writing library's version."""
+    return {k: v for k, v in config.items() if not k.startswith("_") and k not in _PROVENANCE_KEYS}
 
 
 def open_source(path: str | Path, role: str) -> SourceModel:

@@ -84,23 +84,20 @@ def read_io(path: Path) -> tuple[list[dict], list[dict]]:
     return inputs, [describe(v) for v in model.graph.output]
 
 
-def quantize_matmuls(path: Path, nodes: list[str], bits: int) -> None:
-    """Weight-only int4/int8 (MatMulNBits) for the named MatMuls, in place. Used for the early-exit
-    head: it only ranks branches, so its numerics change speed, never the committed output."""
+def quantize_matmuls(path: Path, bits: int) -> None:
+    """Weight-only int8/int4 (ORT MatMulNBits, symmetric, accuracy_level 4) for every MatMul with a
+    constant weight, in place. accuracy_level 4 (int8 activations, VNNI kernels) is the fast one on x64:
+    level 0 measured slower than fp32, and pathological for int8 (../shared/docs/fast-graphs.md)."""
     import logging
 
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     model = onnx.load(str(path), load_external_data=True)
-    missing = set(nodes) - {n.name for n in model.graph.node}
-    if missing:
-        raise RuntimeError(f"{path.name} has no node(s) {sorted(missing)} to quantize")
-    # Excluding every other MatMul is what this quantizer honours (it quantized the target's own
-    # layers when given only nodes_to_include, which would make the output lossy).
-    others = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gather") and n.name not in nodes]
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=32, is_symmetric=True, accuracy_level=4,
-                                     nodes_to_exclude=others)
+    # Embedding lookups stay exact: only MatMuls are quantized.
+    gathers = [n.name for n in model.graph.node if n.op_type == "Gather"]
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=32 if bits == 8 else 128, is_symmetric=True,
+                                     accuracy_level=4, nodes_to_exclude=gathers, op_types_to_quantize=("MatMul",))
     quantizer.process()
     quantized = quantizer.model.model
     side = path.with_name(path.name + ".data")

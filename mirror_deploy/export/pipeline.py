@@ -18,19 +18,32 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from ..artifact import GraphEntry, Manifest, sha256_file
 from ..errors import MirrorDeployError
 from ..targets import Profile, load_profile
-from .graphs import FullModel, TargetPrefix, TargetSuffix
+from .graphs import FullModel, TargetHead, TargetSegment
 from .loading import SourceModel, open_source
 from .onnx_export import export_graph, graph_files, quantize_matmuls, read_io
 from .openvino_ir import WEIGHT_FORMATS, convert_draft, ir_io
-from .shapes import graph_io, static_dims
+from ..axes import static_draft_dims
+from .shapes import graph_io
 
-EXIT_HEAD_FORMATS = {"fp32": None, "int8": 8, "int4": 4}
-EXIT_HEAD_NODE = "/lm_head/MatMul"   # the logit-lens head inside target_prefix.onnx
+# Target weights: fp32, or weight-only int8/int4 through ORT MatMulNBits (accuracy_level 4). A quantized
+# target is a different model; every decoding mode still equals autoregressive decoding of the artifact.
+TARGET_WEIGHT_BITS = {"fp32": None, "int8": 8, "int4": 4}
+# The early exit uses the target's own head ("shared"), or its own int8/int4 copy: it only ranks
+# branches, so a cheaper exit head changes speed, never the committed output.
+EXIT_HEAD_FORMATS = {"shared": None, "int8": 8, "int4": 4}
+
+
+def default_exit_layers(num_layers: int) -> list[int]:
+    """A few boundaries around the middle (N/2 - s, N/2, N/2 + s, N/2 + 2s with s ≈ N/7: 10, 14, 18, 22 for
+    28 layers), so the exit layer can be chosen per run among them without re-exporting."""
+    step, mid = max(1, num_layers // 7), num_layers // 2
+    return sorted({min(max(mid + k * step, 1), num_layers - 1) for k in (-1, 0, 1, 2)})
 
 
 @dataclass
 class ExportOptions:
-    exit_layer: int | None = None     # default: N // 2
+    exit_layer: int | None = None     # the default exit layer of runs (default: N // 2)
+    exit_layers: list[int] | None = None  # segment boundaries a run may exit at (default: around N/2)
     kappa: int = 8
     gamma: int = 7
     max_context: int = 1024
@@ -38,16 +51,23 @@ class ExportOptions:
     profile: str = "cpu-sim"
     draft_weights: str = "fp32"
     force: bool = False
-    exit_head_weights: str = "fp32"   # int8/int4: cheaper early exit; it only ranks branches
+    exit_head_weights: str = "shared"  # int8/int4: a cheaper copy of the head for the early exit
+    target_weights: str = "fp32"
 
 
-def validate(target: SourceModel, draft: SourceModel, opts: ExportOptions, out: Path) -> int:
-    """All checks that need no weights; returns the exit layer."""
+def validate(target: SourceModel, draft: SourceModel, opts: ExportOptions, out: Path) -> tuple[int, list[int]]:
+    """All checks that need no weights; returns the default exit layer and the exported boundaries."""
     n = target.shape.num_layers
     exit_layer = n // 2 if opts.exit_layer is None else opts.exit_layer
-    if not 1 <= exit_layer <= n - 1:
-        raise MirrorDeployError(f"--exit-layer {exit_layer} is outside [1, {n - 1}] for a {n}-layer target",
-                                f"choose a layer in 1..{n - 1} (default {n // 2})")
+    boundaries = list(opts.exit_layers) if opts.exit_layers else default_exit_layers(n)
+    for layer in {exit_layer, *boundaries}:
+        if not 1 <= layer <= n - 1:
+            raise MirrorDeployError(f"exit layer {layer} is outside [1, {n - 1}] for a {n}-layer target",
+                                    f"choose layers in 1..{n - 1} (default {n // 2})")
+    boundaries = sorted({*boundaries, exit_layer})
+    if opts.target_weights not in TARGET_WEIGHT_BITS:
+        raise MirrorDeployError(f"--target-weights {opts.target_weights!r} is unknown",
+                                f"use one of: {', '.join(TARGET_WEIGHT_BITS)}")
     vocab = target.shape.vocab_size
     if not 1 <= opts.kappa <= vocab:
         raise MirrorDeployError(f"--kappa {opts.kappa} must be in [1, {vocab}] (the vocabulary size)",
@@ -77,7 +97,7 @@ def validate(target: SourceModel, draft: SourceModel, opts: ExportOptions, out: 
             "pick a draft trained with the target's tokenizer (e.g. a smaller model of the same family)")
     if out.exists() and not opts.force:
         raise MirrorDeployError(f"output folder {out} already exists", "pass --force to replace it")
-    return exit_layer
+    return exit_layer, boundaries
 
 
 def _same_tokenizer(target_tok, draft_tok) -> None:
@@ -106,6 +126,7 @@ def staging_folder(out: Path):
 
 
 def _graph_entry(folder: Path, path: Path, layers: range, fmt: str = "onnx", static=False, weights="fp32"):
+    """Files, hashes and I/O of one written graph, as the manifest records them."""
     files = graph_files(path) if fmt == "onnx" else [path, path.with_suffix(".bin")]
     inputs, outputs = read_io(path) if fmt == "onnx" else ir_io(path)
     return GraphEntry(file=path.name, format=fmt, sha256={f.name: sha256_file(f) for f in files},
@@ -115,8 +136,7 @@ def _graph_entry(folder: Path, path: Path, layers: range, fmt: str = "onnx", sta
 
 def draft_static_shapes(draft: SourceModel, opts: ExportOptions) -> dict[str, list[int]]:
     """Pinned shapes of the NPU draft: one call holds at most branch_batch + 1 tokens."""
-    seq = opts.branch_batch + 1
-    dims = static_dims(seq=seq, past=opts.max_context, rows=seq)
+    dims = static_draft_dims(opts.branch_batch, opts.max_context)
     inputs, _ = graph_io("draft", draft.shape, range(draft.shape.num_layers))
     return {s.name: [dims.get(d, d) if isinstance(d, str) else d for d in s.shape] for s in inputs}
 
@@ -126,7 +146,7 @@ def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: 
     out = Path(out).expanduser()
     profile: Profile = load_profile(opts.profile)
     target, draft = open_source(target_path, "target"), open_source(draft_path, "draft")
-    exit_layer = validate(target, draft, opts, out)
+    exit_layer, boundaries = validate(target, draft, opts, out)
     n, nd = target.shape.num_layers, draft.shape.num_layers
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with staging_folder(out) as stage, Progress(*columns, console=console, transient=True) as progress:
@@ -146,19 +166,25 @@ def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: 
             _same_tokenizer(target_tok, draft.load_tokenizer())
 
         graphs = {}
-        parts = [("target_prefix", TargetPrefix(target.arch, target_model, exit_layer, opts.kappa),
-                  target, range(0, exit_layer)),
-                 ("target_suffix", TargetSuffix(target.arch, target_model, exit_layer, n), target, range(exit_layer, n)),
-                 ("draft", FullModel(draft.arch, draft_model, 0, nd), draft, range(0, nd))]
-        for name, module, source, layers in parts:
-            with step(f"exporting {name}.onnx (layers {layers.start}..{layers.stop - 1})"):
-                inputs, outputs = graph_io(name, source.shape, layers, opts.kappa)
+        cuts = [0, *boundaries, n]
+        parts = [(f"target_seg{i}", TargetSegment(target.arch, target_model, a, b), target, range(a, b),
+                  opts.target_weights) for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+        parts.append(("target_head", TargetHead(target.arch, target_model, opts.kappa), target, range(n, n),
+                      opts.target_weights))
+        if EXIT_HEAD_FORMATS[opts.exit_head_weights]:
+            parts.append(("exit_head", TargetHead(target.arch, target_model, opts.kappa), target, range(n, n),
+                          opts.exit_head_weights))
+        parts.append(("draft", FullModel(draft.arch, draft_model, 0, nd), draft, range(0, nd), "fp32"))
+        for name, module, source, layers, weights in parts:
+            what = f"layers {layers.start}..{layers.stop - 1}" if len(layers) else "final norm + LM head"
+            with step(f"exporting {name}.onnx ({what}, {weights})"):
+                part = "draft" if name == "draft" else ("target_head" if "head" in name else "target_segment")
+                inputs, outputs = graph_io(part, source.shape, layers, opts.kappa)
                 path = export_graph(module, inputs, outputs, source.shape, stage / f"{name}.onnx")
-                bits = EXIT_HEAD_FORMATS[opts.exit_head_weights]
-                if name == "target_prefix" and bits:
-                    quantize_matmuls(path, [EXIT_HEAD_NODE], bits)
-                graphs[name] = _graph_entry(stage, path, layers,
-                                            weights=opts.exit_head_weights if name == "target_prefix" else "fp32")
+                bits = TARGET_WEIGHT_BITS.get(weights) or EXIT_HEAD_FORMATS.get(weights)
+                if bits:
+                    quantize_matmuls(path, bits)
+                graphs[name] = _graph_entry(stage, path, layers, weights=weights)
 
         with step(f"compiling draft to OpenVINO IR ({opts.draft_weights} weights)"):
             xml = convert_draft(stage / "draft.onnx", stage / "draft.xml", opts.draft_weights)
@@ -172,7 +198,8 @@ def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: 
             if target_tok is not None:
                 target_tok.save_pretrained(stage / "tokenizer")
             manifest = Manifest(
-                target=target.describe(), draft=draft.describe(), exit_layer=exit_layer, kappa=opts.kappa,
+                target=target.describe(), draft=draft.describe(), exit_layer=exit_layer,
+                exit_layers=boundaries, target_weights=opts.target_weights, kappa=opts.kappa,
                 gamma=opts.gamma, max_context=opts.max_context, branch_batch=opts.branch_batch,
                 profile=profile.to_dict(), graphs=graphs, tokenizer="tokenizer" if target_tok is not None else None)
             manifest.save(stage)

@@ -2,7 +2,7 @@
 
 Every graph takes past K/V per layer as `[1, past, kv_heads, head_dim]` (position-major, so the runtime can
 pass a contiguous slice of its preallocated buffer) and returns only the K/V of the new positions. The
-dynamic axes are named here once; a static-shape variant pins them (see `static_dims`).
+dynamic axes are named here once; a static-shape variant pins them (see `mirror_deploy/axes.py`).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 from optimum.utils import NormalizedConfigManager
 
-SEQ, PAST, ROWS = "seq", "past", "rows"
+from ..axes import PAST, ROWS, SEQ
 
 
 @dataclass(frozen=True)
@@ -53,26 +53,24 @@ def kv_names(kind: str, layers: range) -> list[str]:
 
 
 def graph_io(part: str, shape: ModelShape, layers: range, kappa: int | None = None):
-    """Inputs and outputs of one graph. `part` is target_prefix, target_suffix or draft."""
+    """Inputs and outputs of one graph. `part` is `target_segment` (layers [a, b) of the target; the
+    first segment embeds the tokens), `target_head` (final norm + LM head + top-κ), or `draft`."""
+    hidden = (1, SEQ, shape.hidden_size)
+    if part == "target_head":
+        return ([TensorSpec("hidden_states", "float32", (1, ROWS, shape.hidden_size))],
+                [TensorSpec("logits", "float32", (1, ROWS, shape.vocab_size)),
+                 TensorSpec("top_ids", "int64", (1, ROWS, kappa)),
+                 TensorSpec("top_logprobs", "float32", (1, ROWS, kappa))])
     kv_in = [TensorSpec(n, "float32", (1, PAST, shape.kv_heads, shape.head_dim)) for n in kv_names("past", layers)]
     kv_out = [TensorSpec(n, "float32", (1, SEQ, shape.kv_heads, shape.head_dim)) for n in kv_names("new", layers)]
-    common = [
-        TensorSpec("position_ids", "int64", (1, SEQ)),
-        TensorSpec("attention_mask", "float32", (1, 1, SEQ, f"{PAST}+{SEQ}")),
-        TensorSpec("output_rows", "int64", (ROWS,)),
-    ]
-    if part == "target_suffix":
-        first = TensorSpec("hidden_states", "float32", (1, SEQ, shape.hidden_size))
-    else:
-        first = TensorSpec("input_ids", "int64", (1, SEQ))
-    inputs = [first, *common, *kv_in]
-    if part == "target_prefix":
-        heads = [TensorSpec("exit_ids", "int64", (1, ROWS, kappa)),
-                 TensorSpec("exit_logprobs", "float32", (1, ROWS, kappa)),
-                 TensorSpec("hidden_states", "float32", (1, SEQ, shape.hidden_size))]
-    else:
-        heads = [TensorSpec("logits", "float32", (1, ROWS, shape.vocab_size))]
-    return inputs, [*heads, *kv_out]
+    first = (TensorSpec("hidden_states", "float32", hidden) if part == "target_segment" and layers.start > 0
+             else TensorSpec("input_ids", "int64", (1, SEQ)))
+    common = [TensorSpec("position_ids", "int64", (1, SEQ)),
+              TensorSpec("attention_mask", "float32", (1, 1, SEQ, f"{PAST}+{SEQ}"))]
+    if part == "target_segment":
+        return [first, *common, *kv_in], [TensorSpec("hidden_out", "float32", hidden), *kv_out]
+    rows = TensorSpec("output_rows", "int64", (ROWS,))
+    return [first, *common, rows, *kv_in], [TensorSpec("logits", "float32", (1, ROWS, shape.vocab_size)), *kv_out]
 
 
 def dynamic_axes(specs) -> dict[str, dict[int, str]]:
@@ -86,6 +84,3 @@ def dynamic_axes(specs) -> dict[str, dict[int, str]]:
             axes[spec.name] = named
     return axes
 
-
-def static_dims(seq: int, past: int, rows: int) -> dict[str, int]:
-    return {SEQ: seq, PAST: past, ROWS: rows, f"{PAST}+{SEQ}": past + seq, "total": past + seq}

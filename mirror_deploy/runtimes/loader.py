@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..artifact import Manifest
 from ..errors import MirrorDeployError
-from ..export.shapes import static_dims
+from ..axes import static_draft_dims
 from ..targets import PartProfile, Profile
 from .base import CompiledGraph
 
@@ -19,8 +19,12 @@ def compile_cache_dir() -> Path:
 
 @dataclass
 class TargetGraphs:
-    prefix: CompiledGraph
-    suffix: CompiledGraph
+    """The target's layer segments (in layer order, with their [first, stop) layers), its head, and the
+    optional cheaper exit head."""
+    segments: list[CompiledGraph]
+    layers: list[tuple[int, int]]
+    head: CompiledGraph
+    exit_head: CompiledGraph | None = None
 
 
 def open_graph(folder: Path, manifest: Manifest, name: str, part: PartProfile, logical: str) -> CompiledGraph:
@@ -35,8 +39,7 @@ def open_graph(folder: Path, manifest: Manifest, name: str, part: PartProfile, l
     from .openvino import OvGraph
     dims = None
     if entry.static:
-        seq = manifest.branch_batch + 1
-        dims = static_dims(seq=seq, past=manifest.max_context, rows=seq)
+        dims = static_draft_dims(manifest.branch_batch, manifest.max_context)
     return OvGraph(path, logical, part.device, threads, part.precision,
                    static_shapes=None, static_dims=dims, cache_dir=compile_cache_dir())
 
@@ -54,9 +57,20 @@ def draft_graph_name(manifest: Manifest, profile: Profile) -> str:
     return "draft_ir"
 
 
+def target_graph_names(manifest: Manifest) -> list[str]:
+    return [*manifest.target_segments(), "target_head", *(["exit_head"] if "exit_head" in manifest.graphs else [])]
+
+
 def open_target(folder: Path, manifest: Manifest, profile: Profile) -> TargetGraphs:
-    return TargetGraphs(open_graph(folder, manifest, "target_prefix", profile.target, "target_prefix"),
-                        open_graph(folder, manifest, "target_suffix", profile.target, "target_suffix"))
+    opened = {name: open_graph(folder, manifest, name, profile.target, name) for name in target_graph_names(manifest)}
+    return target_graphs(manifest, opened)
+
+
+def target_graphs(manifest: Manifest, opened: dict[str, CompiledGraph]) -> TargetGraphs:
+    """Assemble TargetGraphs from graphs opened by name (runtime graphs, or check's references)."""
+    names = manifest.target_segments()
+    return TargetGraphs([opened[n] for n in names], [tuple(manifest.graphs[n].layers) for n in names],
+                        opened["target_head"], opened.get("exit_head"))
 
 
 def open_draft(folder: Path, manifest: Manifest, profile: Profile) -> CompiledGraph:

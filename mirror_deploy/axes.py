@@ -1,0 +1,21 @@
+"""The named axes every graph's inputs and outputs use, and their sizes once a graph is pinned static.
+
+Both sides of the artifact need this: the exporter names the dynamic axes, and the runtimes pad calls to
+a static (NPU) graph's pinned sizes. It lives beside the manifest so running a deployment never imports
+the export code.
+"""
+from __future__ import annotations
+
+SEQ, PAST, ROWS = "seq", "past", "rows"
+TOTAL = f"{PAST}+{SEQ}"
+
+
+def static_dims(seq: int, past: int, rows: int) -> dict[str, int]:
+    """Axis name -> size for a graph pinned to `seq` new tokens over a `past`-slot KV buffer."""
+    return {SEQ: seq, PAST: past, ROWS: rows, TOTAL: past + seq, "total": past + seq}
+
+
+def static_draft_dims(branch_batch: int, max_context: int) -> dict[str, int]:
+    """The static draft holds at most branch_batch + 1 tokens per call over the whole KV capacity."""
+    seq = branch_batch + 1
+    return static_dims(seq=seq, past=max_context, rows=seq)
