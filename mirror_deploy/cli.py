@@ -181,6 +181,10 @@ def bench(
     profile: Optional[str] = typer.Option(None),
     specbench: Optional[Path] = typer.Option(None, help="SpecBench question.jsonl (default ../shared/data)."),
     out: Path = typer.Option(Path("bench-results"), help="Folder for results.jsonl, summary.md/json, speedup.png."),
+    anatomy: bool = typer.Option(False, "--anatomy", help="Instead of SpecBench: time each part of a step "
+                                 "(segments, head, draft widths, prefill) on the artifact's devices."),
+    context: int = typer.Option(500, help="--anatomy: KV context the calls run at."),
+    rounds: int = typer.Option(7, help="--anatomy: interleaved rounds (medians)."),
 ):
     """SpecBench: our modes (and peers) on the same prompts, interleaved; tables per task and overall."""
     from rich.console import Console
@@ -191,6 +195,10 @@ def bench(
     from .decoding.engine import Engine
 
     engine = Engine(artifact, profile)
+    if anatomy:
+        from .bench.anatomy import anatomy as measure, print_anatomy
+        print_anatomy(measure(engine, context, rounds), engine, context, Console())
+        return
     names = [m for m in modes.split(",") if m]
     unknown = [m for m in names if m not in EngineMethod.MODES]
     if unknown:
