@@ -13,7 +13,7 @@ from .artifact import Manifest
 from .errors import MirrorDeployError
 from .export.graphs import FullModel, TargetPrefix, TargetSuffix
 from .export.loading import SourceModel, open_source
-from .export.shapes import graph_io, static_dims
+from .export.shapes import draft_top_m, graph_io, static_dims
 from .runtimes.torch_ref import TorchGraph
 
 
@@ -62,7 +62,7 @@ class Reference:
     def draft_graph(self, static: bool = False) -> TorchGraph:
         src = self.draft
         n = src.shape.num_layers
-        graph = _torch_graph(FullModel(src.arch, src.model, 0, n), "draft", src, range(n))
+        graph = _torch_graph(FullModel(src.arch, src.model, 0, n, draft_top_m(src.shape)), "draft", src, range(n))
         if static:  # feed it the same padded calls as the static graph
             seq = self.manifest.branch_batch + 1
             graph.static_dims = static_dims(seq=seq, past=self.manifest.max_context, rows=seq)

@@ -102,15 +102,18 @@ def test_partial_acceptance_rolls_kv_back(grid_engines):
     context = ids + result.tokens
     assert len(context) >= length
     kept_target = {k: v[:, :length].copy() for k, v in engine.target.prefix_kv.buffers.items()}
-    kept_draft = {k: v[:, :length].copy() for k, v in engine.draft.cache.buffers.items()}
+    kept_draft = engine.draft.cache.committed_kv()   # scattered slots (kept branches), in position order
     engine.target.reset()
     engine.target.prefill(context[:length])
     engine.draft.reset()
     engine.draft.prefill(context[:length])
     for name, kept in kept_target.items():
         np.testing.assert_allclose(kept, engine.target.prefix_kv.buffers[name][:, :length], atol=1e-5)
+    fresh_draft = engine.draft.cache.committed_kv()
+    assert set(fresh_draft) == set(kept_draft) and len(kept_draft) == 2 * engine.manifest.draft["num_layers"]
     for name, kept in kept_draft.items():
-        np.testing.assert_allclose(kept, engine.draft.cache.buffers[name][:, :length], atol=1e-5)
+        assert kept.shape[1] == length
+        np.testing.assert_allclose(kept, fresh_draft[name], atol=1e-5)
 
 
 def test_seeded_sampling_reproduces(grid_engines):

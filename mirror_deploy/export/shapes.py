@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from optimum.utils import NormalizedConfigManager
 
 SEQ, PAST, ROWS = "seq", "past", "rows"
+DRAFT_TOP_M = 8   # the draft's own top-m per row (branch ranking uses the first few)
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,21 @@ def kv_names(kind: str, layers: range) -> list[str]:
     return [f"{kind}_{part}.{i}" for i in layers for part in ("key", "value")]
 
 
+def draft_top_m(shape: ModelShape) -> int:
+    """How many of its own likeliest tokens the draft graph returns per row."""
+    return min(DRAFT_TOP_M, shape.vocab_size)
+
+
 def graph_io(part: str, shape: ModelShape, layers: range, kappa: int | None = None):
-    """Inputs and outputs of one graph. `part` is target_prefix, target_suffix or draft."""
-    kv_in = [TensorSpec(n, "float32", (1, PAST, shape.kv_heads, shape.head_dim)) for n in kv_names("past", layers)]
-    kv_out = [TensorSpec(n, "float32", (1, SEQ, shape.kv_heads, shape.head_dim)) for n in kv_names("new", layers)]
+    """Inputs and outputs of one graph. `part` is target_prefix, target_suffix, draft or draft_stateful
+    (head-major past K/V in, past ⊕ new out: the pair that becomes OpenVINO state)."""
+    kv, hd = shape.kv_heads, shape.head_dim
+    if part == "draft_stateful":
+        kv_in = [TensorSpec(n, "float32", (1, kv, PAST, hd)) for n in kv_names("past", layers)]
+        kv_out = [TensorSpec(n, "float32", (1, kv, f"{PAST}+{SEQ}", hd)) for n in kv_names("present", layers)]
+    else:
+        kv_in = [TensorSpec(n, "float32", (1, PAST, kv, hd)) for n in kv_names("past", layers)]
+        kv_out = [TensorSpec(n, "float32", (1, SEQ, kv, hd)) for n in kv_names("new", layers)]
     common = [
         TensorSpec("position_ids", "int64", (1, SEQ)),
         TensorSpec("attention_mask", "float32", (1, 1, SEQ, f"{PAST}+{SEQ}")),
@@ -72,16 +84,17 @@ def graph_io(part: str, shape: ModelShape, layers: range, kappa: int | None = No
                  TensorSpec("hidden_states", "float32", (1, SEQ, shape.hidden_size))]
     else:
         heads = [TensorSpec("logits", "float32", (1, ROWS, shape.vocab_size))]
+    if part.startswith("draft"):
+        m = draft_top_m(shape)
+        heads += [TensorSpec("top_ids", "int64", (1, ROWS, m)), TensorSpec("top_probs", "float32", (1, ROWS, m))]
     return inputs, [*heads, *kv_out]
 
 
 def dynamic_axes(specs) -> dict[str, dict[int, str]]:
-    """torch.onnx dynamic_axes for the named axes; `past+seq` is left to shape inference."""
+    """torch.onnx dynamic_axes for the named axes; `past+seq` is named `total`."""
     axes = {}
     for spec in specs:
-        named = {i: d for i, d in enumerate(spec.shape) if isinstance(d, str) and "+" not in d}
-        if "+" in str(spec.shape[-1]):
-            named[len(spec.shape) - 1] = "total"
+        named = {i: ("total" if "+" in d else d) for i, d in enumerate(spec.shape) if isinstance(d, str)}
         if named:
             axes[spec.name] = named
     return axes

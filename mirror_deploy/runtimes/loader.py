@@ -51,7 +51,7 @@ def draft_graph_name(manifest: Manifest, profile: Profile) -> str:
                 f"profile {profile.name} runs the draft with static shapes, but this artifact has no static draft",
                 f"re-export with --profile {profile.name}")
         return "draft_static"
-    return "draft_ir"
+    return "draft_stateful" if "draft_stateful" in manifest.graphs else "draft_ir"   # draft_ir: older artifacts
 
 
 def open_target(folder: Path, manifest: Manifest, profile: Profile) -> TargetGraphs:

@@ -1,5 +1,6 @@
-"""OpenVINO backend: explicit device (no AUTO), f32 on CPU for parity, one unpinned thread when the
-machine is shared, static reshape for NPU-shaped graphs, and a compile cache."""
+"""OpenVINO backend: explicit device (no AUTO), f32 on CPU for parity (compute and K/V state), one unpinned
+thread when the machine is shared, static reshape for NPU-shaped graphs, stateful graphs (K/V held as
+model state), and a compile cache."""
 from __future__ import annotations
 
 import time
@@ -39,6 +40,8 @@ def compile_config(device: str, threads: int | None, precision: str | None,
     config: dict = {}
     if device == "CPU":
         config["INFERENCE_PRECISION_HINT"] = precision or "f32"  # bf16 default flips top-k ids
+        if config["INFERENCE_PRECISION_HINT"] == "f32":
+            config["KV_CACHE_PRECISION"] = "f32"   # the state's default here is u8: drift, and slower
         config["NUM_STREAMS"] = "1"
         if threads:
             config["INFERENCE_NUM_THREADS"] = str(threads)
@@ -65,6 +68,14 @@ def port_name(port) -> str:
     return (public or names)[0]
 
 
+FUSED_ATTENTION = "ScaledDotProductAttention"
+
+
+def runtime_layer_types(compiled: ov.CompiledModel) -> list[str]:
+    """The layer type of every node the plugin really runs (after its own fusions)."""
+    return [str(op.get_rt_info()["layerType"].astype(str)) for op in compiled.get_runtime_model().get_ops()]
+
+
 class OvGraph:
     def __init__(self, path: Path, name: str, device: str = "CPU", threads: int | None = 1,
                  precision: str | None = None, static_shapes: dict[str, list[int]] | None = None,
@@ -82,7 +93,14 @@ class OvGraph:
         self.static_dims = static_dims
         self.input_names = tuple(port_name(i) for i in self.compiled.inputs)
         self.output_names = tuple(port_name(o) for o in self.compiled.outputs)
+        self.stateful = bool(self.request.query_state())   # K/V live in the request, not in the feeds
         self.timer = CallTimer()
+
+    @property
+    def fused_attention(self) -> int:
+        """How many ScaledDotProductAttention nodes the compiled model runs. The fusion is internal to
+        OpenVINO's CPU plugin (a version can lose it silently), so `check` reports this number."""
+        return runtime_layer_types(self.compiled).count(FUSED_ATTENTION)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
