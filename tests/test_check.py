@@ -80,7 +80,7 @@ def test_edited_number_in_manifest(tiny_artifacts, tmp_path):
 
 
 @pytest.mark.parametrize("damage,file,phrase", [
-    ("truncate", "draft.bin", "hash differs from the manifest (edited or truncated)"),
+    ("truncate", "draft_stateful.bin", "hash differs from the manifest (edited or truncated)"),
     ("edit", "target_suffix.onnx", "hash differs from the manifest (edited or truncated)"),
     ("delete", "target_prefix.onnx", "missing"),
 ])

@@ -254,11 +254,12 @@ def test_failing_target_does_not_hang_the_draft(tiny_artifacts, monkeypatch):
 
 def test_capacity_is_refused_before_any_work(tiny_artifacts):
     engine = Engine(tiny_artifacts["llama"])
-    before = engine.target.graphs.prefix.timer.calls
+    assert engine.draft.graph.stateful            # the stateful draft is refused up front too
+    before = engine.target.graphs.prefix.timer.calls, engine.draft.graph.timer.calls
     with pytest.raises(MirrorDeployError) as info:
         engine.generate("Hello world", G(max_new_tokens=250))
     assert "max-context" in info.value.fix and "256" in info.value.problem
-    assert engine.target.graphs.prefix.timer.calls == before
+    assert (engine.target.graphs.prefix.timer.calls, engine.draft.graph.timer.calls) == before
 
 
 def test_stops_at_end_of_sequence(tiny_artifacts):

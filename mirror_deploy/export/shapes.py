@@ -1,8 +1,10 @@
 """Model dimensions read through optimum's config normalisation, plus the graph I/O named in one place.
 
-Every graph takes past K/V per layer as `[1, past, kv_heads, head_dim]` (position-major, so the runtime can
-pass a contiguous slice of its preallocated buffer) and returns only the K/V of the new positions. The
-dynamic axes are named here once; a static-shape variant pins them (see `static_dims`).
+The explicit graphs take past K/V per layer as `[1, past, kv_heads, head_dim]` (position-major, so the
+runtime can pass a contiguous slice of its preallocated buffer) and return only the K/V of the new
+positions. The stateful draft's traced graph takes them head-major and returns past ⊕ new, the pair that
+OpenVINO turns into model state. The dynamic axes are named here once; a static-shape variant pins them
+(see `static_dims`).
 """
 from __future__ import annotations
 
