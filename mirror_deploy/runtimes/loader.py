@@ -38,7 +38,8 @@ def open_graph(folder: Path, manifest: Manifest, name: str, part: PartProfile, l
         seq = manifest.branch_batch + 1
         dims = static_dims(seq=seq, past=manifest.max_context, rows=seq)
     return OvGraph(path, logical, part.device, threads, part.precision,
-                   static_shapes=None, static_dims=dims, cache_dir=compile_cache_dir())
+                   static_shapes=None, static_dims=dims, cache_dir=compile_cache_dir(),
+                   int8_activations=logical == "draft" and entry.weights in ("int8", "int4"))
 
 
 def draft_graph_name(manifest: Manifest, profile: Profile) -> str:

@@ -36,9 +36,13 @@ def require_device(device: str) -> str:
 
 
 def compile_config(device: str, threads: int | None, precision: str | None,
-                   cache_dir: Path | None) -> dict:
+                   cache_dir: Path | None, int8_activations: bool = False) -> dict:
     config: dict = {}
     if device == "CPU":
+        # Activations quantized to int8 (groups of 32) in front of int4/int8 weights: about 2x on a
+        # draft call of 8 rows here. Only for graphs whose numerics change speed, never the output (the
+        # draft); everything else stays exact, whatever the plugin's default.
+        config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = "32" if int8_activations else "0"
         config["INFERENCE_PRECISION_HINT"] = precision or "f32"  # bf16 default flips top-k ids
         if config["INFERENCE_PRECISION_HINT"] == "f32":
             config["KV_CACHE_PRECISION"] = "f32"   # the state's default here is u8: drift, and slower
@@ -79,12 +83,14 @@ def runtime_layer_types(compiled: ov.CompiledModel) -> list[str]:
 class OvGraph:
     def __init__(self, path: Path, name: str, device: str = "CPU", threads: int | None = 1,
                  precision: str | None = None, static_shapes: dict[str, list[int]] | None = None,
-                 static_dims: dict[str, int] | None = None, cache_dir: Path | None = None):
+                 static_dims: dict[str, int] | None = None, cache_dir: Path | None = None,
+                 int8_activations: bool = False):
         device = require_device(device)
         model = core().read_model(str(path))
         if static_shapes:
             reshape_static(model, static_shapes)
-        self.compiled = core().compile_model(model, device, compile_config(device, threads, precision, cache_dir))
+        self.compiled = core().compile_model(model, device, compile_config(device, threads, precision, cache_dir,
+                                                                               int8_activations))
         self.request = self.compiled.create_infer_request()
         self.name = name
         self.device = device
