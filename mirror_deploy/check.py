@@ -34,7 +34,7 @@ ATOL = 1e-4
 # the reference on about 1/vocab of the rows, a faithful compressed one on nearly all.
 TOP1_MIN = {"fp16": 0.98, "int8": 0.90, "int4": 0.75}
 TARGET_GRAPHS = ("target_prefix", "target_suffix")
-DRAFT_GRAPHS = ("draft", "draft_ir", "draft_stateful", "draft_static")
+DRAFT_GRAPHS = ("draft", "draft_stateful", "draft_static")
 CPU_STAND_IN = {"onnx": PartProfile("onnxruntime", "cpu", 1),
                 "openvino": PartProfile("openvino", "CPU", 1, precision="f32")}
 

@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from ..artifact import Manifest
+from ..errors import MirrorDeployError
 from ..runtimes.base import CompiledGraph
 from ..runtimes.draft_cache import DraftCache, store_for
 from ..runtimes.kv import COMMITTED
@@ -81,6 +82,9 @@ class BranchRun:
 class DraftRunner:
     def __init__(self, graph: CompiledGraph, manifest: Manifest, prefill_chunk: int = 128):
         d = manifest.draft
+        if "top_ids" not in graph.output_names:
+            raise MirrorDeployError(f"the draft graph {graph.name} has no top_ids output (exported by an older "
+                                    "mirror-deploy)", "re-export the artifact")
         self.graph = graph
         store = store_for(graph, range(d["num_layers"]), manifest.max_context, d["kv_heads"], d["head_dim"])
         self.cache = DraftCache(store, manifest.max_context)

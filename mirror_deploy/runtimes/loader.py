@@ -52,7 +52,10 @@ def draft_graph_name(manifest: Manifest, profile: Profile) -> str:
                 f"profile {profile.name} runs the draft with static shapes, but this artifact has no static draft",
                 f"re-export with --profile {profile.name}")
         return "draft_static"
-    return "draft_stateful" if "draft_stateful" in manifest.graphs else "draft_ir"   # draft_ir: older artifacts
+    if "draft_stateful" not in manifest.graphs:
+        raise MirrorDeployError(f"profile {profile.name} runs the stateful OpenVINO draft, which this artifact "
+                                "lacks (exported by an older mirror-deploy)", "re-export the artifact")
+    return "draft_stateful"
 
 
 def open_target(folder: Path, manifest: Manifest, profile: Profile) -> TargetGraphs:
