@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test demo bench-engine bench-runtimes ortgenai-builder clean
+.PHONY: install test demo bench-engine bench-runtimes bench-draft ortgenai-builder clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ bench-engine: $(STAMP)
 
 bench-runtimes: $(STAMP)
 	$(BIN)/python -m mirror_deploy.bench.runtimes
+
+# The draft call at widths 1/4/8, explicit K/V inputs against the stateful graph (stand-in at 0.5B widths).
+bench-draft: $(STAMP)
+	$(BIN)/python -m mirror_deploy.bench.draft_calls --stand-in
 
 # onnxruntime-genai's model builder needs transformers 5.x, which clashes with our pins: it gets its own
 # venv, used only to build the peer's models (`--peers ort-genai-...`).

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from .artifact import MANIFEST, Manifest, read_manifest, verify_files
 from .errors import MirrorDeployError
+from .export.architectures import arch_for
 from .export.onnx_export import read_io
 from .export.openvino_ir import ir_io
 from .reference import Reference
@@ -37,7 +38,7 @@ RTOL = 2e-5
 # the reference on about 1/vocab of the rows, a faithful compressed one on nearly all.
 TOP1_MIN = {"fp16": 0.98, "int8": 0.90, "int4": 0.75}
 TARGET_HEADS = ("target_head", "exit_head")
-DRAFT_GRAPHS = ("draft", "draft_ir", "draft_static")
+DRAFT_GRAPHS = ("draft", "draft_stateful", "draft_static")
 CPU_STAND_IN = {"onnx": PartProfile("onnxruntime", "cpu", 1),
                 "openvino": PartProfile("openvino", "CPU", 1, precision="f32")}
 
@@ -148,8 +149,9 @@ def _manifest_problems(m: Manifest) -> list[str]:
     for name, entry in m.graphs.items():
         if name in layers and entry.layers != layers[name]:
             out.append(f"{name} holds layers {entry.layers}, the manifest implies {layers[name]}")
-    dims = {"top_ids": m.kappa, "top_logprobs": m.kappa, "logits": vocab}
     for name, entry in m.graphs.items():
+        # The heads' top-κ is the manifest's κ; the draft's own top-m is a fixed width of its graphs.
+        dims = {"logits": vocab, **({"top_ids": m.kappa, "top_logprobs": m.kappa} if name in TARGET_HEADS else {})}
         for spec in entry.outputs:
             if spec["name"] in dims and spec["shape"][-1] != dims[spec["name"]]:
                 out.append(f"{name} output {spec['name']} ends in {spec['shape'][-1]}, "
@@ -200,7 +202,26 @@ def _load_graphs(folder, m: Manifest, prof: Profile, intact: set[str], report: C
                 graph = _open(folder, m, name, CPU_STAND_IN["openvino"], "compile", " (CPU for the NPU)", report)
         if graph is not None:
             graphs[name] = graph
+            if getattr(graph, "stateful", False):
+                _check_fused_attention(m, name, graph, report)
     return graphs
+
+
+def _check_fused_attention(m: Manifest, name: str, graph, report: CheckReport) -> None:
+    """The stateful draft is fast because OpenVINO's CPU plugin fuses its attention; that fusion is
+    internal to OpenVINO, so a version change can lose it without any error. Count it in the compiled
+    runtime model. Families where it is not expected (GPT-2) are reported, not failed."""
+    fused, layers = graph.fused_attention, m.draft["num_layers"]
+    if arch_for(m.draft["model_type"]).fused_attention:
+        report.add("fused attention", name, fused == layers,
+                   f"{fused} of {layers} layers run ScaledDotProductAttention in the compiled model",
+                   fix="the installed OpenVINO did not fuse the draft's attention: use openvino 2026.4 "
+                       "(pinned in pyproject.toml), re-export, or report the regression")
+    elif fused:
+        report.add("fused attention", name, True, f"{fused} of {layers} layers fused")
+    else:
+        report.skip("fused attention", name, f"OpenVINO does not fuse {m.draft['model_type']}'s attention "
+                                             "from this export; the stateful draft runs it unfused")
 
 
 def _open(folder, m, name, part: PartProfile, check: str, how: str, report: CheckReport):

@@ -14,7 +14,7 @@ from .errors import MirrorDeployError
 from .export.graphs import FullModel, TargetHead, TargetSegment
 from .export.loading import SourceModel, open_source
 from .axes import static_draft_dims
-from .export.shapes import graph_io
+from .export.shapes import draft_top_m, graph_io
 from .runtimes.torch_ref import TorchGraph
 
 
@@ -71,7 +71,7 @@ class Reference:
     def draft_graph(self, static: bool = False) -> TorchGraph:
         src = self.draft
         n = src.shape.num_layers
-        graph = _torch_graph(FullModel(src.arch, src.model, 0, n), "draft", src, range(n))
+        graph = _torch_graph(FullModel(src.arch, src.model, 0, n, draft_top_m(src.shape)), "draft", src, range(n))
         if static:  # feed it the same padded calls as the static graph
             graph.static_dims = static_draft_dims(self.manifest.branch_batch, self.manifest.max_context)
         return graph

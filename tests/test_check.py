@@ -48,7 +48,7 @@ def test_compressed_draft_is_compared_by_top1(tiny_pairs, tmp_path):
     out = export_artifact(*tiny_pairs["llama"], tmp_path / "fp16",
                           ExportOptions(kappa=4, gamma=4, max_context=256, branch_batch=4, draft_weights="fp16"))
     report = check_artifact(out)
-    row = next(r for r in report.rows if (r.check, r.graph) == ("parity logits", "draft_ir"))
+    row = next(r for r in report.rows if (r.check, r.graph) == ("parity logits", "draft_stateful"))
     assert report.ok and row.result == PASS
     # fp16 weights really miss the fp32 bound, so the looser rule is what let it pass, and says so
     assert row.error > 1e-4 and "fp16 weights, so top-1 agreement" in row.detail and "top-1" in row.limit
@@ -80,7 +80,7 @@ def test_edited_number_in_manifest(tiny_artifacts, tmp_path):
 
 
 @pytest.mark.parametrize("damage,file,phrase", [
-    ("truncate", "draft.bin", "hash differs from the manifest (edited or truncated)"),
+    ("truncate", "draft_stateful.bin", "hash differs from the manifest (edited or truncated)"),
     ("edit", "target_seg2.onnx", "hash differs from the manifest (edited or truncated)"),
     ("delete", "target_head.onnx", "missing"),
 ])

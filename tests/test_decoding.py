@@ -102,7 +102,7 @@ def test_partial_acceptance_rolls_kv_back(grid_engines):
     context = ids + result.tokens
     assert len(context) >= length
     kept_target = [{k: v[:, :length].copy() for k, v in kv.buffers.items()} for kv in engine.target.kv]
-    kept_draft = {k: v[:, :length].copy() for k, v in engine.draft.cache.buffers.items()}
+    kept_draft = engine.draft.cache.committed_kv()   # scattered slots (kept branches), in position order
     engine.target.reset()
     engine.target.prefill(context[:length])
     engine.draft.reset()
@@ -110,8 +110,11 @@ def test_partial_acceptance_rolls_kv_back(grid_engines):
     for kv, kept_segment in zip(engine.target.kv, kept_target):
         for name, kept in kept_segment.items():
             np.testing.assert_allclose(kept, kv.buffers[name][:, :length], atol=1e-5)
+    fresh_draft = engine.draft.cache.committed_kv()
+    assert set(fresh_draft) == set(kept_draft) and len(kept_draft) == 2 * engine.manifest.draft["num_layers"]
     for name, kept in kept_draft.items():
-        np.testing.assert_allclose(kept, engine.draft.cache.buffers[name][:, :length], atol=1e-5)
+        assert kept.shape[1] == length
+        np.testing.assert_allclose(kept, fresh_draft[name], atol=1e-5)
 
 
 def test_seeded_sampling_reproduces(grid_engines):
@@ -253,12 +256,13 @@ def test_failing_target_does_not_hang_the_draft(tiny_artifacts, monkeypatch):
 
 def test_capacity_is_refused_before_any_work(tiny_artifacts):
     engine = Engine(tiny_artifacts["llama"])
+    assert engine.draft.graph.stateful            # the stateful draft is refused up front too
     first = engine.target.graphs.segments[0]
-    before = first.timer.calls
+    before = first.timer.calls, engine.draft.graph.timer.calls
     with pytest.raises(MirrorDeployError) as info:
         engine.generate("Hello world", G(max_new_tokens=250))
     assert "max-context" in info.value.fix and "256" in info.value.problem
-    assert first.timer.calls == before
+    assert (first.timer.calls, engine.draft.graph.timer.calls) == before
 
 
 def test_stops_at_end_of_sequence(tiny_artifacts):

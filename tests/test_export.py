@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from mirror_deploy import cli
 from mirror_deploy.artifact import MANIFEST, read_manifest
-from mirror_deploy.check import PASS, check_artifact
+from mirror_deploy.check import PASS, SKIP, check_artifact
 from mirror_deploy.export import pipeline
 from mirror_deploy.tiny import build_model, tiny_config
 
@@ -32,10 +32,12 @@ def _leftovers(out):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_exported_graphs_match_pytorch(tiny_artifacts, arch):
     report = check_artifact(tiny_artifacts[arch])
-    assert report.ok and {r.result for r in report.rows} == {PASS}, [r for r in report.rows if r.result != PASS]
+    # OpenVINO does not fuse GPT-2's attention: check says so with a SKIP row, never a silent PASS
+    expected = {PASS, SKIP} if arch == "gpt2" else {PASS}
+    assert report.ok and {r.result for r in report.rows} == expected, [r for r in report.rows if r.result != PASS]
     parity = {(r.check, r.graph): r for r in report.rows if r.check.startswith("parity")}
     assert set(parity) == {("parity logits", "target"), *(("parity top-κ", f"exit@{b}") for b in (1, 2, 3)),
-                           ("parity logits", "draft"), ("parity logits", "draft_ir")}
+                           ("parity logits", "draft"), ("parity logits", "draft_stateful")}
     assert all(r.error is not None and r.error <= 1e-4 for r in parity.values())
 
 
@@ -137,7 +139,8 @@ def _fail_on_call(real, n, error):
 
 
 # Ctrl-C once the three ONNX graphs are written; a crash after the first graph is written.
-@pytest.mark.parametrize("step,n,error", [("convert_draft", 1, KeyboardInterrupt), ("export_graph", 2, RuntimeError)])
+@pytest.mark.parametrize("step,n,error", [("convert_stateful_draft", 1, KeyboardInterrupt),
+                                          ("export_graph", 2, RuntimeError)])
 def test_interrupted_export_leaves_nothing(tiny_pairs, tmp_path, monkeypatch, step, n, error):
     monkeypatch.setattr(pipeline, step, _fail_on_call(getattr(pipeline, step), n, error))
     out = tmp_path / "art"

@@ -1,5 +1,6 @@
 """Runtimes and KV state: ONNX Runtime and OpenVINO against the eager wrappers, rollback, keeping one
-branch of a tree, capacity and device errors, the static (NPU-shaped) draft against the dynamic one."""
+branch of a tree (and compacting), the stateful draft and its fused attention, capacity and device
+errors, the static (NPU-shaped) draft against the dynamic one."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,7 +13,9 @@ from mirror_deploy.errors import MirrorDeployError
 from mirror_deploy.reference import Reference
 from mirror_deploy.runtimes.devices import builtin_fits
 from mirror_deploy.decoding.drive import DraftDriver, TargetDriver
-from mirror_deploy.runtimes.kv import COMMITTED, DraftCache, KVCache
+from mirror_deploy.check import FAIL, PASS, check_artifact
+from mirror_deploy.runtimes.draft_cache import BufferStore, DraftCache
+from mirror_deploy.runtimes.kv import COMMITTED, KVCache
 from mirror_deploy.runtimes.loader import open_draft, open_graph, target_graph_names, target_graphs
 from mirror_deploy.runtimes.onnxruntime import OrtGraph, require_provider
 from mirror_deploy.runtimes.openvino import OvGraph, require_device
@@ -76,11 +79,17 @@ def _tree(driver, branches):
     return logits, [[slots[i] for i in span] for span in spans], spans
 
 
-@pytest.mark.parametrize("variant", ["draft_ir", "draft_static"])
-def test_keep_chain_then_continue(tiny_artifacts, static_artifact, refs, variant):
+DRAFT_VARIANTS = [("draft_stateful", OV_CPU), ("draft_static", OV_CPU), ("draft", ORT_CPU)]
+
+
+@pytest.mark.parametrize("variant,part", DRAFT_VARIANTS, ids=[v for v, _ in DRAFT_VARIANTS])
+def test_keep_chain_then_continue(tiny_artifacts, static_artifact, refs, variant, part):
+    """A tree call equals eager PyTorch branch by branch; keeping one branch moves nothing, and the
+    next call continues it."""
     folder = static_artifact if variant == "draft_static" else tiny_artifacts["llama"]
     m, ref = read_manifest(folder), refs["llama"]
-    run = _draft(folder, m, variant)
+    run = _draft(folder, m, variant, part)
+    assert getattr(run.graph, "stateful", False) == (variant == "draft_stateful")
     committed = rng.integers(0, 128, 9)
     run.commit(committed)
     branches = [list(rng.integers(0, 128, 2)) for _ in range(2)]  # 4 tokens: fits the static width 5
@@ -88,12 +97,95 @@ def test_keep_chain_then_continue(tiny_artifacts, static_artifact, refs, variant
     for branch, span in zip(branches, spans):
         want = ref.draft_logits([*committed, *branch])[-len(branch):]
         np.testing.assert_allclose(logits[span.start:span.stop], want, atol=1e-4)
-    run.keep(slots[1], n_commit=1)  # the second branch survives: its slots move down
-    assert (run.cache.committed, run.cache.used) == (10, 11)
+    run.keep(slots[1], n_commit=1)  # the second branch survives where it is
+    assert (run.cache.committed, run.cache.used) == (10, 13) and list(run.cache.speculative) == [slots[1][1]]
     more = list(rng.integers(0, 128, 2))
-    got, _ = run.call(more, [10, run.call_slot(0)])  # continue after the kept, uncommitted token
+    got, _ = run.call(more, [slots[1][1], run.call_slot(0)])  # continue after the kept, uncommitted token
     want = ref.draft_logits([*committed, *branches[1], *more])[-2:]
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant,part", DRAFT_VARIANTS, ids=[v for v, _ in DRAFT_VARIANTS])
+def test_kept_branch_and_compaction_equal_a_fresh_prefill(tiny_artifacts, static_artifact, refs, variant, part):
+    """Keep one branch of a tree (its first token committed, the second still speculative), compact:
+    the dropped slots are gone, the committed K/V equal a fresh prefill's, and the next call equals the
+    same call after a fresh prefill."""
+    folder = static_artifact if variant == "draft_static" else tiny_artifacts["llama"]
+    m = read_manifest(folder)
+    run, fresh = _draft(folder, m, variant, part), _draft(folder, m, variant, part)
+    committed = list(rng.integers(0, 128, 7))
+    run.commit(committed)
+    branches = [list(rng.integers(0, 128, 2)) for _ in range(2)]
+    _, slots, _ = _tree(run, branches)
+    run.keep(slots[0], n_commit=1)
+    where = run.compact()
+    assert where[slots[1]].tolist() == [-2, -2]                          # the rejected branch is gone
+    kept = int(where[slots[0][1]])
+    assert (run.cache.used, run.cache.committed, list(run.cache.speculative)) == (9, 8, [kept])
+    more = list(rng.integers(0, 128, 2))
+    got, _ = run.call(more, [kept, run.call_slot(0)])
+
+    fresh.commit(committed + branches[0][:1])
+    want, _ = fresh.call([branches[0][1], *more], [COMMITTED, fresh.call_slot(0), fresh.call_slot(1)])
+    np.testing.assert_allclose(got, want[1:], atol=1e-5)
+    fresh.rollback()
+    a, b = run.cache.committed_kv(), fresh.cache.committed_kv()
+    assert set(a) == set(b) and all(v.shape[1] == 8 for v in a.values())
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], atol=1e-5)
+
+
+def test_rollouts_compact_instead_of_overflowing(tiny_artifacts, refs):
+    """A draft that has filled its capacity with rejected slots compacts before the next rollout
+    (not mid-way), and the window it writes equals one from a fresh prefill."""
+    folder, ref = tiny_artifacts["llama"], refs["llama"]
+    m = read_manifest(folder)
+    runner = _draft(folder, m, "draft_stateful").runner
+    from mirror_deploy.decoding.config import GenerationConfig
+    cfg = GenerationConfig(max_new_tokens=8)
+    prompt = [int(t) for t in rng.integers(0, 128, 20)]
+    runner.prefill(prompt[:-1])
+    while runner.cache.used + 4 <= m.max_context:      # fill the capacity with dropped windows
+        runner.rollout_fresh(prompt[-1], len(prompt) - 1, 4, cfg, 0)
+        runner.cache.rollback_speculative()
+    window = runner.rollout_fresh(prompt[-1], len(prompt) - 1, 4, cfg, 0)
+    assert runner.cache.compactions == 1 and runner.cache.used == len(prompt) - 1 + 4
+    want = ref.draft_logits(prompt + window.tokens[:-1])[-4:].argmax(-1)
+    assert window.tokens == want.tolist()
+
+
+def test_graph_top_m_is_the_softmax_top_m(tiny_artifacts):
+    """The draft's runner-up tokens come out of the graph: the same as a softmax over its logits."""
+    folder = tiny_artifacts["llama"]
+    m = read_manifest(folder)
+    runner = _draft(folder, m, "draft_stateful").runner
+    rows = runner.call([5, 6, 7], [COMMITTED, 0, 1], [0, 1, 2])
+    probs = np.exp(rows.logits - rows.logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    order = np.argsort(-probs, axis=-1)[:, :rows.top_ids.shape[1]]
+    assert (rows.top_ids == order).all()
+    np.testing.assert_allclose(rows.top_probs, np.take_along_axis(probs, order, -1), atol=1e-6)
+
+
+def test_fused_attention_is_counted_and_checked(tiny_artifacts, monkeypatch):
+    """`fused_attention` counts what the compiled model really runs (the explicit graph on OpenVINO has
+    no fused node, so the count is not a constant), and `check` fails when the fusion is gone."""
+    folder = tiny_artifacts["llama"]
+    m = read_manifest(folder)
+    graph = open_graph(folder, m, "draft_stateful", OV_CPU, "draft")
+    types = [op.get_rt_info()["layerType"].astype(str) for op in graph.compiled.get_runtime_model().get_ops()]
+    assert graph.fused_attention == types.count("ScaledDotProductAttention")
+    explicit = OvGraph(folder / "draft.onnx", "draft", "CPU", 1, "f32")
+    assert not explicit.stateful and explicit.fused_attention == 0
+    row = {(r.check, r.graph): r for r in check_artifact(folder, skip_parity=True).rows}[
+        ("fused attention", "draft_stateful")]
+    assert row.result == (PASS if graph.fused_attention == m.draft["num_layers"] else FAIL)
+    # Only after counting it ourselves: OpenVINO 2026.4 fuses every layer of the Llama family here.
+    assert graph.fused_attention == m.draft["num_layers"], types
+    monkeypatch.setattr(OvGraph, "fused_attention", property(lambda self: 0))
+    lost = {(r.check, r.graph): r for r in check_artifact(folder, skip_parity=True).rows}[
+        ("fused attention", "draft_stateful")]
+    assert lost.result == FAIL and "0 of 4" in lost.detail and "openvino" in lost.fix
 
 
 def test_draft_rollback_discards_branches(static_artifact, refs):
@@ -112,7 +204,7 @@ def test_static_draft_equals_dynamic(static_artifact):
     m = read_manifest(static_artifact)
     static = open_draft(static_artifact, m, Profile.from_dict(m.profile))  # the recorded, static profile
     assert static.static_dims["seq"] == m.branch_batch + 1
-    runs = [DraftDriver.for_manifest(static, m), _draft(static_artifact, m, "draft_ir")]
+    runs = [DraftDriver.for_manifest(static, m), _draft(static_artifact, m, "draft_stateful")]
     assert runs[0].static_seq == 5 and runs[1].static_seq is None
     committed, branches = rng.integers(0, 128, 12), [list(rng.integers(0, 128, 2)) for _ in range(2)]
     outs = [(r.commit(committed), _tree(r, branches)[0]) for r in runs]
@@ -128,7 +220,7 @@ def test_capacity_errors():
         cache.write(new, at=6, rows=slice(0, 4))
     assert "needs 10 KV positions" in err.value.problem and "--max-context" in err.value.fix
 
-    draft = DraftCache(range(1), capacity=8, kv_heads=2, head_dim=4)
+    draft = DraftCache(BufferStore(range(1), capacity=8, kv_heads=2, head_dim=4), capacity=8)
     draft.used = draft.committed = 6
     with pytest.raises(MirrorDeployError) as err:
         draft.call_feeds([1, 2, 3], [COMMITTED, 6, 7], [6, 7, 8])
@@ -141,7 +233,7 @@ def test_capacity_errors():
 def test_absent_devices_name_the_present_ones(tiny_artifacts):
     folder = tiny_artifacts["llama"]
     with pytest.raises(MirrorDeployError) as err:
-        OvGraph(folder / "draft.xml", "draft", "NPU")
+        OvGraph(folder / "draft_stateful.xml", "draft", "NPU")
     assert "'NPU' is not present" in err.value.problem and "present devices: CPU" in err.value.fix
     with pytest.raises(MirrorDeployError) as err:
         OrtGraph(folder / "target_head.onnx", "target_head", "cuda")

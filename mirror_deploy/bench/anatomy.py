@@ -18,6 +18,7 @@ import numpy as np
 from ..decoding.drive import DraftDriver, TargetDriver
 from ..decoding.engine import Engine
 from ..errors import MirrorDeployError
+from ..runtimes.loader import draft_graph_name
 from ..runtimes.kv import COMMITTED
 
 Timed = dict[str, Callable[[], None]]
@@ -114,8 +115,9 @@ def print_anatomy(figures: dict[str, float], engine: Engine, context: int, conso
     from rich.table import Table
 
     gamma = engine.manifest.gamma
-    table = Table(title=f"step anatomy at context {context} (medians, interleaved); "
-                        f"target {engine.manifest.target_weights}, draft {engine.manifest.graphs.get('draft_ir', engine.manifest.graphs['draft']).weights}")
+    draft = draft_graph_name(engine.manifest, engine.profile)
+    table = Table(title=f"step anatomy at context {context} (medians, interleaved); target "
+                        f"{engine.manifest.target_weights}, draft {draft} {engine.manifest.graphs[draft].weights}")
     table.add_column("item")
     table.add_column("ms", justify="right")
     for name, ms in figures.items():

@@ -69,7 +69,7 @@ def wrapper_overhead(folder: Path, calls: int) -> list[tuple[str, float, float]]
     """(runtime, wrapper µs, raw µs) for one draft decode call after a 32-token committed prefix."""
     m = read_manifest(folder)
     ort_graph = OrtGraph(folder / "draft.onnx", "draft", "cpu", 1)
-    ov_graph = OvGraph(folder / "draft.xml", "draft", "CPU", 1, "f32")
+    ov_graph = OvGraph(folder / "draft.onnx", "draft", "CPU", 1, "f32")   # explicit K/V feeds, as for ORT
     driver = DraftDriver.for_manifest(ort_graph, m)
     driver.commit(np.arange(32) % m.draft["vocab_size"])
     feeds, _ = driver.cache.call_feeds([5], [COMMITTED], [32])

@@ -54,13 +54,19 @@ class DraftView:
     own: np.ndarray          # [γ] the draft's probability of its own token
 
 
-def draft_view(logits_rows: list[np.ndarray], tokens: list[int], m: int = 4) -> DraftView:
-    rows = np.stack(logits_rows).astype(np.float64)
-    rows -= rows.max(axis=1, keepdims=True)
-    probs = np.exp(rows)
-    probs /= probs.sum(axis=1, keepdims=True)
-    top = np.argpartition(-probs, m, axis=1)[:, :m]
-    return DraftView(top, np.take_along_axis(probs, top, axis=1), probs[np.arange(len(tokens)), tokens])
+def draft_view(top_ids, top_probs, tokens: list[int], sampled=None, m: int = 4) -> DraftView:
+    """The draft's top-m rows as its graph returned them. Its own token's probability comes from
+    them when it is among the top-m (always, greedy); otherwise from the distribution it was sampled
+    from, when sampling; else 0 (it ranked below the graph's top-m)."""
+    ids, probs = np.asarray(top_ids), np.asarray(top_probs, np.float64)
+    own = np.zeros(len(tokens))
+    for i, token in enumerate(tokens):
+        hit = np.flatnonzero(ids[i] == token)
+        if hit.size:
+            own[i] = probs[i, hit[0]]
+        elif sampled is not None and sampled[i] is not None:
+            own[i] = sampled[i][token]
+    return DraftView(ids[:, :m], probs[:, :m], own)
 
 
 def rank_branches(exit_ids: np.ndarray, exit_logprobs: np.ndarray, drafts: list[int], budget: int,

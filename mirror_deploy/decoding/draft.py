@@ -1,7 +1,9 @@
 """The draft side: a slot-tree KV cache, fresh rollouts and batched branch rollouts.
 
 Invariant between steps: the committed context is x[0:n] with root = x[n-1]; the draft cache holds x[0:n-1]
-as committed slots and the window chain [root, y1..y(γ-1)] as speculative slots (`window_slots`).
+as committed slots and the window chain [root, y1..y(γ-1)] as speculative slots (`window_slots`). Slots
+never move except in a compaction, which happens only at the start of a rollout (`ensure_room`), where
+the window chain is the only slot list held outside the cache.
 """
 from __future__ import annotations
 
@@ -12,26 +14,39 @@ from typing import Callable
 import numpy as np
 
 from ..artifact import Manifest
+from ..errors import MirrorDeployError
 from ..runtimes.base import CompiledGraph
-from ..runtimes.kv import COMMITTED, DraftCache
+from ..runtimes.draft_cache import DraftCache, store_for
+from ..runtimes.kv import COMMITTED
 from .config import GenerationConfig
 from .branches import CONTINUATION
 from .sampling import FRESH_STREAM, choose, keyed_rng
 
 
 @dataclass
+class CallRows:
+    """One draft call's outputs for its real (unpadded) tokens: logits, and the draft's own top-m
+    tokens and probabilities, computed in the graph."""
+    logits: np.ndarray      # [n, vocab]
+    top_ids: np.ndarray     # [n, m]
+    top_probs: np.ndarray   # [n, m]
+
+
+@dataclass
 class Window:
-    """Draft tokens y1..yγ after `root`, with the draft's probabilities when sampling and the logits
-    rows they came from (the next step ranks branches with the draft's runner-up tokens)."""
+    """Draft tokens y1..yγ after `root`, with the draft's probabilities when sampling and its top-m
+    at each position (the next step ranks branches with the draft's runner-up tokens)."""
     tokens: list[int] = field(default_factory=list)
     probs: list[np.ndarray | None] = field(default_factory=list)
-    logits: list[np.ndarray] = field(default_factory=list)
+    top_ids: list[np.ndarray] = field(default_factory=list)
+    top_probs: list[np.ndarray] = field(default_factory=list)
 
-    def add(self, logits: np.ndarray, cfg: GenerationConfig, rng) -> int:
-        token, probs = choose(logits, cfg, rng)
+    def add(self, rows: CallRows, i: int, cfg: GenerationConfig, rng) -> int:
+        token, probs = choose(rows.logits[i], cfg, rng)
         self.tokens.append(token)
         self.probs.append(probs)
-        self.logits.append(logits)
+        self.top_ids.append(rows.top_ids[i])
+        self.top_probs.append(rows.top_probs[i])
         return token
 
 
@@ -67,37 +82,44 @@ class BranchRun:
 class DraftRunner:
     def __init__(self, graph: CompiledGraph, manifest: Manifest, prefill_chunk: int = 128):
         d = manifest.draft
+        if "top_ids" not in graph.output_names:
+            raise MirrorDeployError(f"the draft graph {graph.name} has no top_ids output (exported by an older "
+                                    "mirror-deploy)", "re-export the artifact")
         self.graph = graph
-        self.cache = DraftCache(range(d["num_layers"]), manifest.max_context, d["kv_heads"], d["head_dim"])
+        store = store_for(graph, range(d["num_layers"]), manifest.max_context, d["kv_heads"], d["head_dim"])
+        self.cache = DraftCache(store, manifest.max_context)
         self.static_seq = graph.static_dims["seq"] if graph.static_dims else None
         self.prefill_chunk = self.static_seq or prefill_chunk
         self.window_slots: list[int] = []
         self.busy = 0.0               # seconds inside draft calls since last read
 
     def reset(self) -> None:
-        self.cache.committed = self.cache.used = 0
+        self.cache.reset()
         self.window_slots = []
 
     def take_busy(self) -> float:
         busy, self.busy = self.busy, 0.0
         return busy
 
-    def call(self, tokens, parents, positions) -> np.ndarray:
-        """One graph call over new tokens; returns their logits [len(tokens), vocab]."""
+    def call(self, tokens, parents, positions) -> CallRows:
+        """One graph call over new tokens; returns their rows."""
         feeds, _ = self.cache.call_feeds(tokens, parents, positions, self.static_seq)
         t0 = time.perf_counter()
         out = self.graph.run(feeds)
         self.busy += time.perf_counter() - t0
         self.cache.append(out, tokens, parents, positions)
-        return out["logits"][0, :len(tokens)]
+        n = len(tokens)
+        return CallRows(out["logits"][0, :n], out["top_ids"][0, :n], out["top_probs"][0, :n])
 
     def prefill(self, tokens: list[int]) -> None:
         """Committed K/V for `tokens` (the prompt without its last token)."""
         for i in range(0, len(tokens), self.prefill_chunk):
             chunk = tokens[i:i + self.prefill_chunk]
-            self.call(chunk, [COMMITTED] + list(range(self.cache.used, self.cache.used + len(chunk) - 1)),
+            self.cache.ensure_room(len(chunk))    # nothing speculative is held here
+            first = self.cache.used
+            self.call(chunk, [COMMITTED] + list(range(first, first + len(chunk) - 1)),
                       list(range(i, i + len(chunk))))
-            self.cache.committed = self.cache.used
+            self.cache.commit(list(range(first, first + len(chunk))))
 
     def rollout_fresh(self, root: int, root_pos: int, gamma: int, cfg: GenerationConfig, window_id: int,
                       missing: list[int] = ()) -> Window:
@@ -105,19 +127,20 @@ class DraftRunner:
         fed in the first call just before the root."""
         rng = None if cfg.greedy else keyed_rng(cfg.seed, window_id, FRESH_STREAM)
         feed = [*missing, root]
+        self.cache.ensure_room(len(missing) + gamma)   # only committed slots are live here
         first = self.cache.used
         parents = [COMMITTED] + list(range(first, first + len(feed) - 1))
         positions = list(range(root_pos - len(missing), root_pos + 1))
-        logits = self.call(feed, parents, positions)[-1]
-        self.cache.committed += len(missing)
+        rows, row = self.call(feed, parents, positions), len(feed) - 1
+        self.cache.commit(list(range(first, first + len(missing))))
         self.window_slots = [first + len(missing)]
         window = Window()
         for t in range(gamma):
-            token = window.add(logits, cfg, rng)
+            token = window.add(rows, row, cfg, rng)
             if t == gamma - 1:
                 break
             slot = self.cache.used
-            logits = self.call([token], [self.window_slots[-1]], [root_pos + t + 1])[0]
+            rows, row = self.call([token], [self.window_slots[-1]], [root_pos + t + 1]), 0
             self.window_slots.append(slot)
         return window
 
@@ -129,11 +152,15 @@ class DraftRunner:
         Between calls `poll()` may deliver the verdict (A, c): then only branch (A+1, c) goes on, or
         none if it is absent."""
         gamma = len(drafts)
+        continuation = CONTINUATION in branches
+        bonus = continuation or any(r == gamma + 1 for r, _ in branches)
+        moved = self.cache.ensure_room(int(bonus) + gamma * len(branches))
+        if moved is not None:
+            self.window_slots = [int(moved[s]) for s in self.window_slots]
         chain = self.window_slots
         run = BranchRun({}, None)
-        continuation = CONTINUATION in branches
         extra = []   # y_γ itself: bonus branches attend to it, and it has no K/V yet
-        if continuation or any(r == gamma + 1 for r, _ in branches):
+        if bonus:
             run.bonus_slot = self.cache.used
             extra = [(drafts[-1], chain[-1], root_pos + gamma)]
         for r, v in branches:
@@ -145,15 +172,15 @@ class DraftRunner:
         while active or extra:
             feeds = extra + [b.next_feed() for b in active]
             first = self.cache.used
-            logits = self.call(*map(list, zip(*feeds)))
+            rows = self.call(*map(list, zip(*feeds)))
             run.calls += 1
             for row, b in enumerate(active, start=len(extra)):
                 if b.key not in rngs:
                     rngs[b.key] = None if cfg.greedy else keyed_rng(cfg.seed, window_id, *b.key)
                 b.slots.append(first + row)
-                b.window.add(logits[row], cfg, rngs[b.key])
+                b.window.add(rows, row, cfg, rngs[b.key])
             if extra and continuation:
-                run.guess = int(np.argmax(logits[0]))          # the likeliest bonus token
+                run.guess = int(np.argmax(rows.logits[0]))          # the likeliest bonus token
                 key = (gamma + 1, run.guess)
                 if key not in run.branches:
                     run.branches[key] = Branch(gamma + 1, run.guess, root_pos + gamma + 1, run.bonus_slot)
@@ -182,8 +209,8 @@ class DraftRunner:
                 missing = [drafts[-1]]
         branch = run.branches.get((accepted + 1, correction)) if run else None
         if branch is not None and len(branch.window.tokens) == gamma:
-            self.cache.keep_chain(path + branch.slots, n_commit=len(path))
-            self.window_slots = list(range(self.cache.committed, self.cache.committed + len(branch.slots)))
+            self.cache.keep_chain(path + branch.slots, n_commit=len(path))   # flags only, no copy
+            self.window_slots = list(branch.slots)
             return branch.window, True
         self.cache.keep_chain(path, n_commit=len(path))
         window = self.rollout_fresh(correction, root_pos + accepted + 1, gamma, cfg, window_id, missing)

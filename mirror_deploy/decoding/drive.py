@@ -76,24 +76,30 @@ class DraftDriver:
             positions.append(self._position(parent, earlier))
             earlier[self.call_slot(j)] = positions[-1]
         slots = [self.call_slot(j) for j in range(len(tokens))]
-        return self.runner.call(tokens, parents, positions), slots
+        return self.runner.call(tokens, parents, positions).logits, slots
 
     def commit(self, tokens) -> np.ndarray:
         """Append `tokens` to the committed prefix (in calls of the static width if pinned)."""
-        if self.cache.used != self.cache.committed:
+        if len(self.cache.speculative):
             raise ValueError("commit() with speculative slots pending: keep() or rollback() first")
         width = self.static_seq or len(tokens)
         logits = []
         for at in range(0, len(tokens), width):
             chunk = list(tokens[at:at + width])
+            self.cache.ensure_room(len(chunk))
             parents = [COMMITTED] + [self.call_slot(j) for j in range(len(chunk) - 1)]
             out, slots = self.call(chunk, parents)
-            self.cache.keep_chain(slots, len(slots))
+            self.cache.commit(slots)
             logits.append(out)
         return np.concatenate(logits)
 
     def keep(self, slots: list[int], n_commit: int) -> None:
+        """Keep one chain (flags only: its slots stay where they are)."""
         self.cache.keep_chain(slots, n_commit)
 
     def rollback(self) -> None:
         self.cache.rollback_speculative()
+
+    def compact(self) -> np.ndarray:
+        """Gather the live slots to the front; returns old slot -> new slot."""
+        return self.cache.compact()

@@ -100,7 +100,7 @@ def speculative(target: TargetRunner, draft: DraftRunner, prompt: list[int], cfg
             handle = None
             if mirror:
                 handle = worker.start(StepInputs(pp.exit_ids, pp.exit_logprobs, window.tokens, root_pos,
-                                                 gamma, budget, step + 1, cfg, window.logits))
+                                                 gamma, budget, step + 1, cfg, window))
             sfx, t_suffix = _target_call(target.suffix, pp, part="target suffix")
             logits = sfx["logits"][0]
             accepted, correction = _verify(window, logits, cfg, step)

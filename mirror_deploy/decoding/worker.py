@@ -46,7 +46,7 @@ class StepInputs:
     budget: int
     window_id: int
     cfg: GenerationConfig
-    draft_logits: list | None = None   # the rows the window's tokens came from
+    draft_window: object | None = None   # the Window whose tokens are verified (its draft top-m)
 
 
 class DraftWorker:
@@ -106,7 +106,8 @@ class DraftWorker:
         s = self._inputs
         if self.history is None or len(self.history.reached) != s.gamma:
             self.history = AcceptanceHistory(s.gamma)
-        view = draft_view(s.draft_logits, s.drafts) if s.draft_logits else None
+        w = s.draft_window
+        view = draft_view(w.top_ids, w.top_probs, w.tokens, w.probs) if w is not None and w.top_ids else None
         chosen = rank_branches(s.exit_ids, s.exit_logprobs, s.drafts, s.budget, self.history, view,
                                continuation=True)
         poll = self._poll if self.pool is not None else (lambda: None)

@@ -1,4 +1,5 @@
-"""Torch modules that become the exported graphs: target segments, the target head, the draft.
+"""Torch modules that become the exported graphs: target segments, the target head, and the draft
+(explicit K/V, and the stateful variant whose K/V OpenVINO keeps as model state).
 
 Each wraps a slice of the HF model's own decoder layers, so the numerics are the model's own. Past K/V
 come in as flat tensors; a small cache object hands them to the HF attention and captures the new K/V.
@@ -27,14 +28,27 @@ class _CaptureCache:
                 torch.cat([past_v.transpose(1, 2), value], dim=2))
 
 
+class _StateCache(_CaptureCache):
+    """Head-major past K/V `[1, kv, past, hd]`; records past ⊕ new, which OpenVINO's make-stateful pass
+    turns into the Assign of each layer's state."""
+
+    def update(self, key, value, layer_idx, cache_kwargs=None):
+        past_k, past_v = self.pasts[layer_idx - self.first_layer]
+        key, value = torch.cat([past_k, key], dim=2), torch.cat([past_v, value], dim=2)
+        self.new += [key, value]
+        return key, value
+
+
 class _LayerSlice(nn.Module):
+    capture = _CaptureCache
+
     def __init__(self, arch: ArchSpec, model: nn.Module, start: int, stop: int):
         super().__init__()
         self.arch, self.model, self.start, self.stop = arch, model, start, stop
 
     def run_layers(self, hidden, position_ids, attention_mask, flat_past):
         pasts = [(flat_past[2 * i], flat_past[2 * i + 1]) for i in range(self.stop - self.start)]
-        cache = _CaptureCache(self.start, pasts)
+        cache = self.capture(self.start, pasts)
         rope = self.arch.position_embeddings(self.model, hidden, position_ids)
         for layer in self.arch.layers_of(self.model)[self.start:self.stop]:
             hidden = self.arch.run_layer(layer, hidden, attention_mask, position_ids, cache, rope)
@@ -71,9 +85,22 @@ class TargetHead(nn.Module):
 
 
 class FullModel(_LayerSlice):
-    """The whole model (the draft graph)."""
+    """The whole model (the draft graph): logits, and the draft's own top-m tokens with their
+    probabilities, so branch ranking reads a few numbers instead of a softmax over the vocabulary."""
+
+    def __init__(self, arch, model, start: int, stop: int, top_m: int):
+        super().__init__(arch, model, start, stop)
+        self.top_m = top_m
 
     def forward(self, input_ids, position_ids, attention_mask, output_rows, *flat_past):
         hidden = self.arch.embed_tokens(self.model, input_ids, position_ids)
         hidden, new_kv = self.run_layers(hidden, position_ids, attention_mask, flat_past)
-        return (self.head_logits(hidden, output_rows), *new_kv)
+        logits = self.head_logits(hidden, output_rows)
+        top = torch.topk(torch.softmax(logits, dim=-1), self.top_m, dim=-1)
+        return (logits, top.indices, top.values, *new_kv)
+
+
+class StatefulDraft(FullModel):
+    """The draft with head-major past K/V in and past ⊕ new out, the shape OpenVINO's make-stateful
+    pass maps input to output (past_key.i -> present_key.i) to hold K/V as ReadValue/Assign state."""
+    capture = _StateCache

@@ -1,4 +1,5 @@
-"""Draft ONNX -> OpenVINO IR: optional NNCF weight compression (what NPUs run) and a static variant."""
+"""Draft ONNX -> OpenVINO IR: optional NNCF weight compression, the stateful variant (K/V as model
+state, where OpenVINO's CPU plugin fuses attention), and the static variant NPUs compile."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +7,7 @@ from pathlib import Path
 import openvino as ov
 
 from ..errors import MirrorDeployError
-from ..runtimes.openvino import reshape_static
+from ..runtimes.openvino import port_name, reshape_static
 
 WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
 
@@ -30,6 +31,40 @@ def convert_draft(onnx_path: Path, xml_path: Path, weights: str,
     model = ov.convert_model(str(onnx_path))
     if static_shapes:
         reshape_static(model, static_shapes)
+    model = compress(model, weights)
+    ov.save_model(model, str(xml_path), compress_to_fp16=(weights == "fp16"))
+    return xml_path
+
+
+def make_stateful_draft(model: ov.Model) -> ov.Model:
+    """Hide the head-major past_* inputs and present_* outputs as ReadValue/Assign state (optimum-intel's
+    passes, as its own OpenVINO exports use them). Batch and kv dims are pinned first (else the state
+    starts with batch 0), and the beam_idx Gather that `fuse_cache_reorder` inserts is kept: without it
+    the CPU plugin did not fuse ScaledDotProductAttention here (measured, OpenVINO 2026.4)."""
+    from optimum.exporters.openvino.stateful import fuse_cache_reorder, make_stateful
+
+    names = [port_name(p) for p in model.inputs]
+    pinned = {}
+    for port, name in zip(model.inputs, names):
+        dims = port.get_partial_shape()
+        if name.startswith("past_"):
+            dims = ov.PartialShape([1, dims[1], -1, dims[3]])
+        elif len(dims) > 1:
+            dims = ov.PartialShape([1, *dims[1:]])
+        pinned[name] = dims
+    model.reshape(pinned)
+    past = [n for n in names if n.startswith("past_")]
+    present = [port_name(p) for p in model.outputs if port_name(p).startswith("present_")]
+    if len(past) != len(present) or not past:
+        raise RuntimeError(f"stateful draft: {len(past)} past inputs but {len(present)} present outputs")
+    others = [p for p, n in zip(model.inputs, names) if not n.startswith("past_")]
+    fuse_cache_reorder(model, others, past, gather_dim=0)
+    make_stateful(model, others, past, present, batch_dim=0)
+    return model
+
+
+def convert_stateful_draft(onnx_path: Path, xml_path: Path, weights: str) -> Path:
+    model = make_stateful_draft(ov.convert_model(str(onnx_path)))
     model = compress(model, weights)
     ov.save_model(model, str(xml_path), compress_to_fp16=(weights == "fp16"))
     return xml_path

@@ -18,12 +18,12 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from ..artifact import GraphEntry, Manifest, sha256_file
 from ..errors import MirrorDeployError
 from ..targets import Profile, load_profile
-from .graphs import FullModel, TargetHead, TargetSegment
+from .graphs import FullModel, StatefulDraft, TargetHead, TargetSegment
 from .loading import SourceModel, open_source
 from .onnx_export import export_graph, graph_files, quantize_matmuls, read_io
-from .openvino_ir import WEIGHT_FORMATS, convert_draft, ir_io
+from .openvino_ir import WEIGHT_FORMATS, convert_draft, convert_stateful_draft, ir_io
 from ..axes import static_draft_dims
-from .shapes import graph_io
+from .shapes import draft_top_m, graph_io
 
 # Target weights: fp32, or weight-only int8/int4 through ORT MatMulNBits (accuracy_level 4). A quantized
 # target is a different model; every decoding mode still equals autoregressive decoding of the artifact.
@@ -141,6 +141,20 @@ def draft_static_shapes(draft: SourceModel, opts: ExportOptions) -> dict[str, li
     return {s.name: [dims.get(d, d) if isinstance(d, str) else d for d in s.shape] for s in inputs}
 
 
+def export_stateful_draft(stage: Path, draft: SourceModel, model, weights: str) -> Path:
+    """draft_stateful.xml: the draft traced with head-major K/V (past in, past ⊕ new out), converted to
+    OpenVINO with that K/V as model state; its scratch ONNX is deleted."""
+    layers = range(draft.shape.num_layers)
+    inputs, outputs = graph_io("draft_stateful", draft.shape, layers)
+    module = StatefulDraft(draft.arch, model, 0, layers.stop, draft_top_m(draft.shape))
+    scratch = Path(tempfile.mkdtemp(prefix="stateful-", dir=stage))
+    try:
+        onnx_path = export_graph(module, inputs, outputs, draft.shape, scratch / "draft_stateful.onnx")
+        return convert_stateful_draft(onnx_path, stage / "draft_stateful.xml", weights)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: Console | None = None) -> Path:
     console = console or Console(stderr=True)
     out = Path(out).expanduser()
@@ -174,7 +188,8 @@ def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: 
         if EXIT_HEAD_FORMATS[opts.exit_head_weights]:
             parts.append(("exit_head", TargetHead(target.arch, target_model, opts.kappa), target, range(n, n),
                           opts.exit_head_weights))
-        parts.append(("draft", FullModel(draft.arch, draft_model, 0, nd), draft, range(0, nd), "fp32"))
+        parts.append(("draft", FullModel(draft.arch, draft_model, 0, nd, draft_top_m(draft.shape)), draft,
+                      range(0, nd), "fp32"))
         for name, module, source, layers, weights in parts:
             what = f"layers {layers.start}..{layers.stop - 1}" if len(layers) else "final norm + LM head"
             with step(f"exporting {name}.onnx ({what}, {weights})"):
@@ -186,10 +201,11 @@ def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: 
                     quantize_matmuls(path, bits)
                 graphs[name] = _graph_entry(stage, path, layers, weights=weights)
 
-        with step(f"compiling draft to OpenVINO IR ({opts.draft_weights} weights)"):
-            xml = convert_draft(stage / "draft.onnx", stage / "draft.xml", opts.draft_weights)
-            graphs["draft_ir"] = _graph_entry(stage, xml, range(0, nd), "openvino", weights=opts.draft_weights)
-            if profile.draft.static:
+        with step(f"compiling the stateful draft to OpenVINO IR ({opts.draft_weights} weights)"):
+            xml = export_stateful_draft(stage, draft, draft_model, opts.draft_weights)
+            graphs["draft_stateful"] = _graph_entry(stage, xml, range(0, nd), "openvino", weights=opts.draft_weights)
+        if profile.draft.static:
+            with step(f"compiling the static (NPU) draft to OpenVINO IR ({opts.draft_weights} weights)"):
                 xml = convert_draft(stage / "draft.onnx", stage / "draft_static.xml", opts.draft_weights,
                                     draft_static_shapes(draft, opts))
                 graphs["draft_static"] = _graph_entry(stage, xml, range(0, nd), "openvino", True, opts.draft_weights)

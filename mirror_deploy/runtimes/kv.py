@@ -2,9 +2,7 @@
 
 A graph reads a contiguous slice `buffer[:, :used]` (or the whole buffer when its shape is static) and
 returns K/V for its new positions only; committing copies just those rows in, and rolling back is a
-length change. The draft cache is a slot tree: committed slots first, then speculative slots whose
-parent links say which branch each belongs to; the attention mask lets every token see the committed
-prefix and its own ancestors only, so many branches decode in one batch-1 call.
+length change. The draft's slot tree lives in `draft_cache.py`.
 """
 from __future__ import annotations
 
@@ -47,13 +45,6 @@ class KVCache:
         for past, new in self.names:
             self.buffers[past][:, at:at + count] = outputs[new][:, rows]
 
-    def move(self, src: list[int], dst: int) -> None:
-        """Copy slots `src` (ascending) to `dst, dst+1, ...`; used for keeping one branch."""
-        if list(src) == list(range(dst, dst + len(src))):
-            return
-        for buf in self.buffers.values():
-            buf[:, dst:dst + len(src)] = buf[:, src]
-
 
 def causal_mask(committed: int, seq: int, past_len: int) -> np.ndarray:
     """Window mask for the target: all committed slots, then causal inside the new positions."""
@@ -62,81 +53,3 @@ def causal_mask(committed: int, seq: int, past_len: int) -> np.ndarray:
     new = mask[0, 0, :, past_len:]
     new[np.tril_indices(seq)] = 0.0
     return mask
-
-
-class DraftCache(KVCache):
-    """KV slot tree for the draft: slots [0, committed) are the committed prefix; slots above are
-    speculative tokens, each with a parent slot (or COMMITTED)."""
-
-    def __init__(self, layers: range, capacity: int, kv_heads: int, head_dim: int):
-        super().__init__(layers, capacity, kv_heads, head_dim)
-        self.committed = 0
-        self.parent = np.full(capacity, COMMITTED, np.int64)
-        self.token = np.zeros(capacity, np.int64)
-        self.position = np.zeros(capacity, np.int64)
-
-    def ancestry(self, slot: int, pending_parent: dict[int, int]) -> list[int]:
-        chain = []
-        while slot != COMMITTED and slot >= self.committed:
-            chain.append(slot)
-            slot = pending_parent[slot] if slot in pending_parent else int(self.parent[slot])
-        return chain
-
-    def call_feeds(self, tokens, parents, positions, static_seq: int | None = None) -> tuple[dict, list[int]]:
-        """Feeds for one draft call over new tokens; returns them and the slots the tokens will take.
-        `parents[j]` is an existing slot, a slot of an earlier token of this call, or COMMITTED."""
-        seq = len(tokens)
-        first = self.used
-        if first + seq > self.capacity:
-            raise capacity_error("the draft", first + seq, self.capacity)
-        slots = list(range(first, first + seq))
-        static = static_seq is not None
-        width = static_seq if static else seq
-        if seq > width:
-            raise MirrorDeployError(f"draft call of {seq} tokens exceeds the static width {width}",
-                                    "re-export with a larger --branch-batch")
-        past_len = self.past_len(static)
-        pending = dict(zip(slots, parents))
-        mask = np.full((1, 1, width, past_len + width), MASK_MIN, np.float32)
-        mask[..., :self.committed] = 0.0
-        for j, slot in enumerate(slots):
-            for anc in self.ancestry(slot, pending):
-                mask[0, 0, j, anc if anc < first else past_len + anc - first] = 0.0
-        for j in range(seq, width):  # padding rows see only themselves
-            mask[0, 0, j, past_len + j] = 0.0
-        ids = np.zeros((1, width), np.int64)
-        ids[0, :seq] = tokens
-        pos = np.zeros((1, width), np.int64)
-        pos[0, :seq] = positions
-        feeds = {"input_ids": ids, "position_ids": pos, "attention_mask": mask,
-                 "output_rows": np.arange(width if static else seq, dtype=np.int64),
-                 **self.past_feeds(static)}
-        return feeds, slots
-
-    def append(self, outputs, tokens, parents, positions) -> None:
-        """Store the call's K/V and slot links in the slots `call_feeds` reserved."""
-        seq = len(tokens)
-        first = self.used
-        self.write(outputs, first, slice(0, seq))
-        self.token[first:first + seq] = tokens
-        self.position[first:first + seq] = positions
-        self.parent[first:first + seq] = parents
-        self.used = first + seq
-
-    def keep_chain(self, slots: list[int], n_commit: int) -> None:
-        """Keep one chain of speculative slots right after the committed prefix, commit its first
-        `n_commit`, drop every other speculative slot."""
-        base = self.committed
-        self.move(slots, base)
-        for name in ("token", "position"):
-            arr = getattr(self, name)
-            arr[base:base + len(slots)] = arr[slots]
-        self.parent[base:base + len(slots)] = np.arange(base - 1, base + len(slots) - 1)
-        self.committed = base + n_commit
-        self.parent[base:self.committed] = COMMITTED
-        if len(slots) > n_commit:
-            self.parent[self.committed] = COMMITTED
-        self.used = base + len(slots)
-
-    def rollback_speculative(self) -> None:
-        self.used = self.committed

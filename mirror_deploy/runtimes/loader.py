@@ -41,7 +41,8 @@ def open_graph(folder: Path, manifest: Manifest, name: str, part: PartProfile, l
     if entry.static:
         dims = static_draft_dims(manifest.branch_batch, manifest.max_context)
     return OvGraph(path, logical, part.device, threads, part.precision,
-                   static_shapes=None, static_dims=dims, cache_dir=compile_cache_dir())
+                   static_shapes=None, static_dims=dims, cache_dir=compile_cache_dir(),
+                   int8_activations=logical == "draft" and entry.weights in ("int8", "int4"))
 
 
 def draft_graph_name(manifest: Manifest, profile: Profile) -> str:
@@ -54,7 +55,10 @@ def draft_graph_name(manifest: Manifest, profile: Profile) -> str:
                 f"profile {profile.name} runs the draft with static shapes, but this artifact has no static draft",
                 f"re-export with --profile {profile.name}")
         return "draft_static"
-    return "draft_ir"
+    if "draft_stateful" not in manifest.graphs:
+        raise MirrorDeployError(f"profile {profile.name} runs the stateful OpenVINO draft, which this artifact "
+                                "lacks (exported by an older mirror-deploy)", "re-export the artifact")
+    return "draft_stateful"
 
 
 def target_graph_names(manifest: Manifest) -> list[str]:
