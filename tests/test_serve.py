@@ -360,3 +360,42 @@ def test_on_tokens_returning_true_ends_the_run_cleanly(engine, mode):
     assert cut.summary["steps"] == 3 and cut.summary["new_tokens"] == len(cut.tokens)
     assert not [t for t in threading.enumerate() if t.name.startswith("draft-device")]   # worker closed
     assert engine.generate("Hello world", cfg).tokens == full      # and the engine is ready again
+
+
+# ---- stop strings across step boundaries, and the serve benchmark -------------------------------------------
+
+class CharTokenizer:
+    """Token i is chr(i): enough for StopText, which only decodes."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(map(chr, ids))
+
+
+def _ids(text: str) -> list[int]:
+    return [ord(c) for c in text]
+
+
+def test_stop_text_holds_back_a_stop_string_split_across_steps():
+    from mirror_deploy.serve.text import StopText
+    text = StopText(CharTokenizer(), ["END", "xyz"])
+    sent = [text.push(_ids("hello E")), text.push(_ids("N")), text.push(_ids("D tail"))]
+    assert sent == ["hello ", "", ""] and text.stopped and text.text == "hello "
+    assert text.finish() == ""
+
+
+def test_stop_text_releases_a_false_alarm_and_the_tail():
+    from mirror_deploy.serve.text import StopText
+    text = StopText(CharTokenizer(), ["END"])
+    sent = [text.push(_ids("an E")), text.push(_ids("Nd")), text.push(_ids(" E"))]
+    assert sent == ["an ", "ENd", " "] and not text.stopped
+    assert text.finish() == "E" and text.text == "an ENd E"
+
+
+def test_serve_benchmark_runs_and_reports(artifact, tmp_path):
+    from mirror_deploy.bench import serve as bench_serve
+    out = tmp_path / "serve.json"
+    bench_serve.main([str(artifact), "--requests", "6", "--pairs", "2", "--max-tokens", "8", "--json", str(out)])
+    fig = json.loads(out.read_text())
+    assert fig["text_mismatches"] == 0 and fig["requests"] == 6
+    assert fig["ttft_ms"]["direct"] > 0 and fig["ttft_ms"]["server"] > 0
+    assert fig["tokens_per_s"]["server"] > 0 and fig["rss_mib"]["after_all"] > 0

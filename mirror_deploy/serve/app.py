@@ -105,7 +105,7 @@ class Server:
         ids = self._prompt_ids(req)
         if not ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
-        job = Job(ids, self._config(req, len(ids)), req.stops(), loop)
+        job = Job(ids, self._config(req, len(ids)), req.stops(), loop, stream=req.stream)
         try:
             self.worker.submit(job)
         except QueueFull as full:

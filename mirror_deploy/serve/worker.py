@@ -53,6 +53,7 @@ class Job:
     cfg: GenerationConfig
     stops: list[str]
     loop: asyncio.AbstractEventLoop
+    stream: bool = True                 # send text as it commits (else only the result: fewer wake-ups)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.perf_counter)
@@ -126,7 +127,7 @@ class EngineWorker:
 
         def on_tokens(new: list[int]) -> bool:
             delta = text.push(new)
-            if delta:
+            if delta and job.stream:
                 job.send(Delta(delta))
             return text.stopped or job.cancelled.is_set()
 
@@ -140,7 +141,7 @@ class EngineWorker:
         seconds = time.perf_counter() - t0
         self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * seconds
         tail = text.finish()
-        if tail:
+        if tail and job.stream:
             job.send(Delta(tail))
         done = Done(result.tokens, text.text, self._finish_reason(job, text, result.tokens), result.summary,
                     seconds, waited)
