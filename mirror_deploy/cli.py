@@ -207,8 +207,8 @@ def bench(
 @friendly
 def serve(
     artifact: Path = typer.Argument(..., help="Artifact folder written by `mirror-deploy export`."),
-    host: str = typer.Option("127.0.0.1", help="Interface to listen on (another than loopback opens it to the "
-                             "network)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (any other than loopback opens the API, "
+                             "which has no authentication, to the network)."),
     port: int = typer.Option(8000, help="TCP port."),
     mode: str = typer.Option("mirror", help="mirror | sd | ar, for every request."),
     max_queue: int = typer.Option(16, help="Requests that may wait for the engine; more get 429 + Retry-After."),

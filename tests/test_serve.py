@@ -362,34 +362,7 @@ def test_on_tokens_returning_true_ends_the_run_cleanly(engine, mode):
     assert engine.generate("Hello world", cfg).tokens == full      # and the engine is ready again
 
 
-# ---- stop strings across step boundaries, and the serve benchmark -------------------------------------------
-
-class CharTokenizer:
-    """Token i is chr(i): enough for StopText, which only decodes."""
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(map(chr, ids))
-
-
-def _ids(text: str) -> list[int]:
-    return [ord(c) for c in text]
-
-
-def test_stop_text_holds_back_a_stop_string_split_across_steps():
-    from mirror_deploy.serve.text import StopText
-    text = StopText(CharTokenizer(), ["END", "xyz"])
-    sent = [text.push(_ids("hello E")), text.push(_ids("N")), text.push(_ids("D tail"))]
-    assert sent == ["hello ", "", ""] and text.stopped and text.text == "hello "
-    assert text.finish() == ""
-
-
-def test_stop_text_releases_a_false_alarm_and_the_tail():
-    from mirror_deploy.serve.text import StopText
-    text = StopText(CharTokenizer(), ["END"])
-    sent = [text.push(_ids("an E")), text.push(_ids("Nd")), text.push(_ids(" E"))]
-    assert sent == ["an ", "ENd", " "] and not text.stopped
-    assert text.finish() == "E" and text.text == "an ENd E"
-
+# ---- the serve benchmark, and an engine failure -----------------------------------------------------------
 
 def test_serve_benchmark_runs_and_reports(artifact, tmp_path):
     from mirror_deploy.bench import serve as bench_serve
@@ -399,3 +372,29 @@ def test_serve_benchmark_runs_and_reports(artifact, tmp_path):
     assert fig["text_mismatches"] == 0 and fig["requests"] == 6
     assert fig["ttft_ms"]["direct"] > 0 and fig["ttft_ms"]["server"] > 0
     assert fig["tokens_per_s"]["server"] > 0 and fig["rss_mib"]["after_all"] > 0
+
+
+def test_a_failing_generation_is_a_500_and_the_server_lives_on(engine, monkeypatch):
+    from mirror_deploy.bench.serve import InProcessServer
+    real = engine.generate
+    failures = iter([RuntimeError("device lost"), RuntimeError("device lost")])
+
+    def flaky(*args, **kwargs):
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", flaky)
+    server = InProcessServer(engine, "mirror")
+    try:
+        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=30)
+        kwargs = dict(model=server.name, prompt="Once", max_tokens=8, temperature=0)
+        with pytest.raises(openai.InternalServerError, match="generation failed: RuntimeError: device lost"):
+            client.completions.create(**kwargs)
+        with pytest.raises(openai.APIError, match="device lost"):
+            list(client.completions.create(**kwargs, stream=True))
+        assert client.completions.create(**kwargs).choices[0].text == real("Once", GenerationConfig(
+            max_new_tokens=8, temperature=0)).text
+    finally:
+        server.close()
