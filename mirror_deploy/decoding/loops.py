@@ -16,7 +16,9 @@ from .target import TargetRunner
 from .verify import verify_greedy, verify_match, verify_rejection
 from .worker import DraftWorker, PartFailure, StepInputs
 
-Emit = Callable[[list[int]], None]
+# Called with each step's committed tokens; a true return ends generation after this step (a stop
+# string was seen, the client went away), with the loop's usual clean-up and figures.
+Emit = Callable[[list[int]], bool | None]
 
 
 def _target_call(fn, *args, part="target"):
@@ -55,7 +57,7 @@ def autoregressive(target: TargetRunner, prompt: list[int], cfg: GenerationConfi
         token, _ = choose(sfx["logits"][0, -1], cfg, keyed_rng(cfg.seed, step, TARGET_STREAM))
         new, stop = _finish([token], len(out), cfg, eos)
         out += new
-        emit(new)
+        stop = bool(emit(new)) or stop
         metrics.add(StepRecord(0, 1, t_prefix=pp.seconds, t_suffix=t_suffix, t_step=time.perf_counter() - t_step))
         root, step = token, step + 1
         if stop:
@@ -125,7 +127,7 @@ def speculative(target: TargetRunner, draft: DraftRunner, prompt: list[int], cfg
             new, stop = _finish(window.tokens[:accepted] + [correction], len(out), cfg, eos)
             out += new
             context_len += accepted + 1
-            emit(new)
+            stop = bool(emit(new)) or stop
             record.t_step = time.perf_counter() - t_step
             metrics.add(record)
             window, step = next_window, step + 1
