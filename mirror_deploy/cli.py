@@ -134,6 +134,8 @@ def run(
     exit_layer: Optional[int] = typer.Option(None, help="Early-exit layer, one the artifact exported "
                                              "(default: the artifact's)."),
     kappa: Optional[int] = typer.Option(None, help="Early-exit top-κ (default: the artifact's κ, its most)."),
+    adaptive_gamma: bool = typer.Option(True, "--adaptive-gamma/--fixed-gamma",
+                                        help="Adapt the window within [1, γ] from the run's acceptance."),
     profile: Optional[str] = typer.Option(None, help="Device profile (default: the artifact's)."),
     stats: bool = typer.Option(False, "--stats", help="Print the run's figures with units."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON record instead of streaming."),
@@ -147,7 +149,8 @@ def run(
     from .report import TextStream, print_stats
 
     cfg = GenerationConfig(max_new_tokens, temperature, top_k, top_p, seed, mode, schedule, verify_rule,
-                           branch_budget, gamma, exit_layer, kappa).validate()
+                           branch_budget, gamma, exit_layer=exit_layer, kappa=kappa,
+                           adaptive_gamma=adaptive_gamma).validate()
     text = _read_prompt(prompt, prompt_file)
     engine = Engine(artifact, profile)
     stream = None if json_out or engine.tokenizer is None else TextStream(engine.tokenizer)
@@ -178,6 +181,8 @@ def bench(
     branch_budget: Optional[int] = typer.Option(None),
     gamma: Optional[int] = typer.Option(None),
     exit_layer: Optional[int] = typer.Option(None, help="Early-exit layer (one the artifact exported)."),
+    adaptive_gamma: bool = typer.Option(True, "--adaptive-gamma/--fixed-gamma",
+                                        help="Adapt the window within [1, γ] from the run's acceptance."),
     profile: Optional[str] = typer.Option(None),
     specbench: Optional[Path] = typer.Option(None, help="SpecBench question.jsonl (default ../shared/data)."),
     out: Path = typer.Option(Path("bench-results"), help="Folder for results.jsonl, summary.md/json, speedup.png."),
@@ -203,8 +208,8 @@ def bench(
     unknown = [m for m in names if m not in EngineMethod.MODES]
     if unknown:
         raise MirrorDeployError(f"unknown mode(s): {', '.join(unknown)}", f"use: {', '.join(EngineMethod.MODES)}")
-    methods = [EngineMethod(engine, m, branch_budget=branch_budget, gamma=gamma, exit_layer=exit_layer)
-               for m in names]
+    methods = [EngineMethod(engine, m, branch_budget=branch_budget, gamma=gamma, exit_layer=exit_layer,
+                            adaptive_gamma=adaptive_gamma) for m in names]
     peer_factories = []
     if peers:
         from .bench.peers import make_peers

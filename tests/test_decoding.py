@@ -65,6 +65,22 @@ def test_greedy_with_a_draft_that_never_agrees(tmp_path):
             result = engine.generate(prompt, G(max_new_tokens=24, mode=mode, schedule=schedule, stop_at_eos=False))
             assert result.tokens == expected
             assert all(s.accepted == 0 for s in result.metrics.steps)  # it really never agreed
+            windows = [s.window for s in result.metrics.steps]
+            # the window adapts down; each length is chosen a step ahead (before that step's verdict)
+            assert windows[:5] == [4, 4, 3, 2, 1] and set(windows[5:]) == {1}
+        fixed = engine.generate(prompt, G(max_new_tokens=24, mode="mirror", adaptive_gamma=False, stop_at_eos=False))
+        assert fixed.tokens == expected and {s.window for s in fixed.metrics.steps} == {4}
+
+
+def test_window_grows_back_when_the_draft_agrees(tmp_path):
+    from mirror_deploy.decoding.loops import WindowPolicy
+    policy = WindowPolicy(6, adaptive=True)
+    lengths = []
+    for accepted in (0, 0, 0, 0, 0, 9, 9, 9, 9):   # nothing accepted, then whole windows again
+        drafted = policy.length()
+        policy.observe(min(accepted, drafted), drafted)
+        lengths.append(policy.length())
+    assert lengths == [5, 4, 3, 2, 1, 3, 5, 6, 6]
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gpt2"])

@@ -30,16 +30,20 @@ class AcceptanceHistory:
         self.bonus_right = self.bonus_seen = 0.0
         self.decay = decay
 
-    def observe(self, accepted: int, bonus_guess_right: bool | None = None) -> None:
+    def observe(self, accepted: int, bonus_guess_right: bool | None = None, window: int | None = None) -> None:
+        """`window`: the window's length, when shorter than the history (depths past it were not drafted)."""
         depth = np.arange(1, len(self.reached) + 1)
-        self.reached = self.decay * self.reached + (depth <= accepted + 1)
+        self.reached = self.decay * self.reached + (depth <= min(accepted + 1, window or len(self.reached)))
         self.accepted = self.decay * self.accepted + (depth <= accepted)
         if bonus_guess_right is not None:
             self.bonus_seen = self.decay * self.bonus_seen + 1
             self.bonus_right = self.decay * self.bonus_right + bonus_guess_right
 
     def rates(self, prior: np.ndarray | None = None, weight: float = 2.0) -> np.ndarray:
-        prior = np.full(len(self.reached), 0.5) if prior is None else prior
+        full = np.full(len(self.reached), 0.5)
+        if prior is not None:   # the draft's confidence for the depths this window has
+            full[:len(prior)] = prior[:len(full)]
+        prior = full
         return (self.accepted + weight * prior) / (self.reached + weight)
 
     def bonus_rate(self) -> float:

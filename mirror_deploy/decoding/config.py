@@ -21,7 +21,8 @@ class GenerationConfig:
     schedule: str = "overlapped"      # mirror only: overlapped (two devices at once) or serial (ablation)
     verify_rule: str = "rejection"    # sampling only: rejection (uses draft q) or match (paper's operator)
     branch_budget: int | None = None  # mirror: branches the draft rolls out per step (None = artifact's batch)
-    gamma: int | None = None          # window length (None = artifact's γ)
+    gamma: int | None = None          # window length, the most when adaptive (None = artifact's γ)
+    adaptive_gamma: bool = True       # shorten/lengthen the window within [1, γ] from the run's acceptance
     exit_layer: int | None = None     # mirror: early-exit layer, one the artifact exported (None = its default)
     kappa: int | None = None          # mirror: early-exit top-κ width (None = the artifact's κ, its most)
     stop_at_eos: bool = True

@@ -146,15 +146,17 @@ class DraftRunner:
 
     def roll_out_branches(self, branches: list[tuple[int, int]], drafts: list[int], root_pos: int,
                           cfg: GenerationConfig, window_id: int,
-                          poll: Callable[[], tuple[int, int] | None]) -> BranchRun:
-        """Roll out γ tokens on every branch, batched one depth per call. `CONTINUATION` in `branches`
+                          poll: Callable[[], tuple[int, int] | None], length: int | None = None) -> BranchRun:
+        """Roll out `length` tokens (default: the current window's γ) on every branch, batched one depth
+        per call. `CONTINUATION` in `branches`
         adds the bonus branch rooted at the draft's own guess after y_γ, which joins one call later.
         Between calls `poll()` may deliver the verdict (A, c): then only branch (A+1, c) goes on, or
         none if it is absent."""
         gamma = len(drafts)
+        length = length or gamma
         continuation = CONTINUATION in branches
         bonus = continuation or any(r == gamma + 1 for r, _ in branches)
-        moved = self.cache.ensure_room(int(bonus) + gamma * len(branches))
+        moved = self.cache.ensure_room(int(bonus) + length * len(branches))
         if moved is not None:
             self.window_slots = [int(moved[s]) for s in self.window_slots]
         chain = self.window_slots
@@ -186,7 +188,7 @@ class DraftRunner:
                     run.branches[key] = Branch(gamma + 1, run.guess, root_pos + gamma + 1, run.bonus_slot)
                     active.append(run.branches[key])
             extra = []
-            active = [b for b in active if len(b.window.tokens) < gamma]
+            active = [b for b in active if len(b.window.tokens) < length]
             verdict = poll()
             if verdict is not None:
                 needed = (verdict[0] + 1, verdict[1])
@@ -196,22 +198,23 @@ class DraftRunner:
                 active = [b for b in active if b.key == needed]
         return run
 
-    def advance(self, accepted: int, correction: int, drafts: list[int], root_pos: int, gamma: int,
+    def advance(self, accepted: int, correction: int, drafts: list[int], root_pos: int, length: int,
                 cfg: GenerationConfig, window_id: int, run: BranchRun | None) -> tuple[Window, bool]:
-        """Commit root + accepted drafts and produce the next window: the branch (A+1, c) if it was
-        rolled out to full length (reuse), else a fresh rollout (fallback). Returns (window, reused)."""
+        """Commit root + accepted drafts and produce the next window of `length` tokens: the branch
+        (A+1, c) if it was rolled out that far (reuse), else a fresh rollout (fallback).
+        Returns (window, reused)."""
         path = self.window_slots[:accepted + 1]
         missing = []
-        if accepted == gamma:
+        if accepted == len(drafts):
             if run is not None and run.bonus_slot is not None:
                 path = path + [run.bonus_slot]
             else:
                 missing = [drafts[-1]]
         branch = run.branches.get((accepted + 1, correction)) if run else None
-        if branch is not None and len(branch.window.tokens) == gamma:
+        if branch is not None and len(branch.window.tokens) == length:
             self.cache.keep_chain(path + branch.slots, n_commit=len(path))   # flags only, no copy
             self.window_slots = list(branch.slots)
             return branch.window, True
         self.cache.keep_chain(path, n_commit=len(path))
-        window = self.rollout_fresh(correction, root_pos + accepted + 1, gamma, cfg, window_id, missing)
+        window = self.rollout_fresh(correction, root_pos + accepted + 1, length, cfg, window_id, missing)
         return window, False

@@ -16,6 +16,23 @@ from .target import TargetRunner
 from .verify import verify_greedy, verify_match, verify_rejection
 from .worker import DraftWorker, PartFailure, StepInputs
 
+
+class WindowPolicy:
+    """The draft window's length, adapted within a run from its own acceptance: +2 after a window
+    accepted whole, −1 otherwise, within [1, γ] (the schedule transformers calls "heuristic", which
+    OpenVINO GenAI also uses). The length only decides how much is drafted, never what is committed."""
+
+    def __init__(self, gamma: int, adaptive: bool):
+        self.gamma, self.adaptive, self.current = gamma, adaptive, gamma
+
+    def length(self) -> int:
+        return self.current
+
+    def observe(self, accepted: int, drafted: int) -> None:
+        if self.adaptive:
+            step = 2 if accepted == drafted else -1
+            self.current = min(self.gamma, max(1, self.current + step))
+
 # Called with each step's committed tokens; a true return ends generation after this step (a stop
 # string was seen, the client went away), with the loop's usual clean-up and figures.
 Emit = Callable[[list[int]], bool | None]
@@ -82,6 +99,7 @@ def speculative(target: TargetRunner, draft: DraftRunner, prompt: list[int], cfg
     overlapped = mirror and cfg.schedule == "overlapped"
     metrics = RunMetrics(cfg.mode, cfg.schedule if mirror else "serial", prompt_tokens=len(prompt), gamma=gamma)
     worker = DraftWorker(draft, overlapped)
+    policy = WindowPolicy(gamma, cfg.adaptive_gamma)
     try:
         t0 = time.perf_counter()
         pending = worker.run_inline(draft.prefill, prompt[:-1])
@@ -99,15 +117,20 @@ def speculative(target: TargetRunner, draft: DraftRunner, prompt: list[int], cfg
             root_pos = context_len - 1
             root = prompt[-1] if not out else out[-1]
             pp = _target_call(target.prefix, [root, *window.tokens], mirror, part="target prefix")
+            # The next window's length is chosen now, before this step's verdict: Mirror's branches
+            # roll it out while the suffix runs.
+            length = policy.length()
             handle = None
             if mirror:
                 handle = worker.start(StepInputs(pp.exit_ids, pp.exit_logprobs, window.tokens, root_pos,
-                                                 gamma, budget, step + 1, cfg, window))
+                                                 gamma, budget, step + 1, cfg, window, length))
             sfx, t_suffix = _target_call(target.suffix, pp, part="target suffix")
             logits = sfx["logits"][0]
             accepted, correction = _verify(window, logits, cfg, step)
             t_wait = time.perf_counter()
-            record = StepRecord(accepted, accepted + 1, t_prefix=pp.seconds, t_suffix=t_suffix)
+            record = StepRecord(accepted, accepted + 1, t_prefix=pp.seconds, t_suffix=t_suffix,
+                                window=len(window.tokens))
+            policy.observe(accepted, len(window.tokens))
             if mirror:
                 result = worker.finish(handle, accepted, correction)
                 record.branches, record.reused, record.fallback = result.branches, result.reused, not result.reused
@@ -116,7 +139,7 @@ def speculative(target: TargetRunner, draft: DraftRunner, prompt: list[int], cfg
                 record.exit_hits, record.exit_positions = int(hits.sum()), len(hits)
                 next_window = result.window
             else:
-                next_window, _ = draft.advance(accepted, correction, window.tokens, root_pos, gamma, cfg,
+                next_window, _ = draft.advance(accepted, correction, window.tokens, root_pos, length, cfg,
                                                step + 1, None)
                 record.t_draft = draft.take_busy()
             record.t_exposed = time.perf_counter() - t_wait

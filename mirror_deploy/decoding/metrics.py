@@ -11,6 +11,7 @@ import numpy as np
 class StepRecord:
     accepted: int                 # draft tokens accepted (A)
     committed: int                # tokens committed this step (A + 1)
+    window: int = 0               # draft tokens verified this step (γ of this window)
     branches: int = 0             # branches the draft rolled out
     reused: bool = False          # next window came from a pre-computed branch
     fallback: bool = False        # next window needed a fresh rollout

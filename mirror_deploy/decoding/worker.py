@@ -42,11 +42,12 @@ class StepInputs:
     exit_logprobs: np.ndarray
     drafts: list[int]
     root_pos: int
-    gamma: int
+    gamma: int                           # the run's largest window (the acceptance history's depth)
     budget: int
     window_id: int
     cfg: GenerationConfig
     draft_window: object | None = None   # the Window whose tokens are verified (its draft top-m)
+    length: int | None = None            # the next window's length (default: this window's)
 
 
 class DraftWorker:
@@ -111,7 +112,7 @@ class DraftWorker:
         chosen = rank_branches(s.exit_ids, s.exit_logprobs, s.drafts, s.budget, self.history, view,
                                continuation=True)
         poll = self._poll if self.pool is not None else (lambda: None)
-        self._run = self.draft.roll_out_branches(chosen, s.drafts, s.root_pos, s.cfg, s.window_id, poll)
+        self._run = self.draft.roll_out_branches(chosen, s.drafts, s.root_pos, s.cfg, s.window_id, poll, s.length)
 
     def _advance_phase(self) -> DraftResult | None:
         self._ready.wait()
@@ -121,9 +122,10 @@ class DraftWorker:
         s = self._inputs
         accepted, correction = self._verdict
         guess = self._run.guess if self._run is not None else None
-        self.history.observe(accepted, None if accepted < s.gamma or guess is None else guess == correction)
-        window, reused = self.draft.advance(accepted, correction, s.drafts, s.root_pos, s.gamma, s.cfg,
-                                            s.window_id, self._run)
+        full = accepted == len(s.drafts)
+        self.history.observe(accepted, None if not full or guess is None else guess == correction, len(s.drafts))
+        window, reused = self.draft.advance(accepted, correction, s.drafts, s.root_pos, s.length or len(s.drafts),
+                                            s.cfg, s.window_id, self._run)
         return DraftResult(window, reused, len(self._run.branches), self.draft.take_busy(), resolved_at)
 
     def _whole_step(self) -> DraftResult | None:

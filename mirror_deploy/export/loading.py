@@ -38,6 +38,12 @@ class SourceModel:
                 where, dtype=torch.float32, attn_implementation="eager", **extra).eval()
         return self.model
 
+    def release(self) -> None:
+        """Drop the loaded weights (the exporter frees each model once its graphs are written)."""
+        import gc
+        self.model = None
+        gc.collect()
+
     def load_tokenizer(self):
         where, extra = self.gguf_args()
         try:

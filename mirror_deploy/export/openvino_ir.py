@@ -23,7 +23,11 @@ def compress(model: ov.Model, weights: str) -> ov.Model:
     if weights == "int8":
         return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
     # int4 everywhere: the draft's numerics change speed only, never the committed output.
-    return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=128, ratio=1.0)
+    try:
+        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=128, ratio=1.0)
+    except nncf.errors.InvalidGroupSizeError:
+        raise MirrorDeployError("--draft-weights int4 quantizes in groups of 128 input channels, and this draft "
+                                "has layers narrower than that", "use --draft-weights int8 (or fp16)") from None
 
 
 def convert_draft(onnx_path: Path, xml_path: Path, weights: str,

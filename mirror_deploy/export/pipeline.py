@@ -155,6 +155,36 @@ def export_stateful_draft(stage: Path, draft: SourceModel, model, weights: str) 
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def target_parts(target: SourceModel, model, boundaries: list[int], opts: ExportOptions) -> list[tuple]:
+    """(name, module, source, layers, weights) of every target graph: a segment between consecutive exit
+    layers, the head, and the optional cheaper exit head."""
+    n = target.shape.num_layers
+    cuts = [0, *boundaries, n]
+    parts = [(f"target_seg{i}", TargetSegment(target.arch, model, a, b), target, range(a, b), opts.target_weights)
+             for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+    parts.append(("target_head", TargetHead(target.arch, model, opts.kappa), target, range(n, n), opts.target_weights))
+    if EXIT_HEAD_FORMATS[opts.exit_head_weights]:
+        parts.append(("exit_head", TargetHead(target.arch, model, opts.kappa), target, range(n, n),
+                      opts.exit_head_weights))
+    return parts
+
+
+def _export_parts(parts: list[tuple], stage: Path, step, kappa: int) -> dict[str, GraphEntry]:
+    """Trace each part to ONNX, quantize its weights if asked, and describe it for the manifest."""
+    graphs = {}
+    for name, module, source, layers, weights in parts:
+        what = f"layers {layers.start}..{layers.stop - 1}" if len(layers) else "final norm + LM head"
+        with step(f"exporting {name}.onnx ({what}, {weights})"):
+            part = "draft" if name == "draft" else ("target_head" if "head" in name else "target_segment")
+            inputs, outputs = graph_io(part, source.shape, layers, kappa)
+            path = export_graph(module, inputs, outputs, source.shape, stage / f"{name}.onnx")
+            bits = TARGET_WEIGHT_BITS.get(weights) or EXIT_HEAD_FORMATS.get(weights)
+            if bits:
+                quantize_matmuls(path, bits)
+            graphs[name] = _graph_entry(stage, path, layers, weights=weights)
+    return graphs
+
+
 def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: Console | None = None) -> Path:
     console = console or Console(stderr=True)
     out = Path(out).expanduser()
@@ -172,38 +202,24 @@ def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: 
             progress.remove_task(task)
             console.print(f"[green]✓[/] {text} [dim]{time.perf_counter() - t0:.1f} s[/]")
 
+        # One model in memory at a time: the target's graphs are written and its weights freed before the
+        # draft loads (the peak was both models plus an exporter's copies).
         with step(f"loading target {target.path.name}"):
-            target_model = target.load_model()
             target_tok = target.load_tokenizer()
+            _same_tokenizer(target_tok, draft.load_tokenizer())
+            target_model = target.load_model()
+        graphs = _export_parts(target_parts(target, target_model, boundaries, opts), stage, step, opts.kappa)
+        del target_model
+        target.release()
         with step(f"loading draft {draft.path.name}"):
             draft_model = draft.load_model()
-            _same_tokenizer(target_tok, draft.load_tokenizer())
-
-        graphs = {}
-        cuts = [0, *boundaries, n]
-        parts = [(f"target_seg{i}", TargetSegment(target.arch, target_model, a, b), target, range(a, b),
-                  opts.target_weights) for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
-        parts.append(("target_head", TargetHead(target.arch, target_model, opts.kappa), target, range(n, n),
-                      opts.target_weights))
-        if EXIT_HEAD_FORMATS[opts.exit_head_weights]:
-            parts.append(("exit_head", TargetHead(target.arch, target_model, opts.kappa), target, range(n, n),
-                          opts.exit_head_weights))
-        parts.append(("draft", FullModel(draft.arch, draft_model, 0, nd, draft_top_m(draft.shape)), draft,
-                      range(0, nd), "fp32"))
-        for name, module, source, layers, weights in parts:
-            what = f"layers {layers.start}..{layers.stop - 1}" if len(layers) else "final norm + LM head"
-            with step(f"exporting {name}.onnx ({what}, {weights})"):
-                part = "draft" if name == "draft" else ("target_head" if "head" in name else "target_segment")
-                inputs, outputs = graph_io(part, source.shape, layers, opts.kappa)
-                path = export_graph(module, inputs, outputs, source.shape, stage / f"{name}.onnx")
-                bits = TARGET_WEIGHT_BITS.get(weights) or EXIT_HEAD_FORMATS.get(weights)
-                if bits:
-                    quantize_matmuls(path, bits)
-                graphs[name] = _graph_entry(stage, path, layers, weights=weights)
-
+        graphs.update(_export_parts([("draft", FullModel(draft.arch, draft_model, 0, nd, draft_top_m(draft.shape)),
+                                      draft, range(0, nd), "fp32")], stage, step, opts.kappa))
         with step(f"compiling the stateful draft to OpenVINO IR ({opts.draft_weights} weights)"):
             xml = export_stateful_draft(stage, draft, draft_model, opts.draft_weights)
             graphs["draft_stateful"] = _graph_entry(stage, xml, range(0, nd), "openvino", weights=opts.draft_weights)
+        del draft_model
+        draft.release()
         if profile.draft.static:
             with step(f"compiling the static (NPU) draft to OpenVINO IR ({opts.draft_weights} weights)"):
                 xml = convert_draft(stage / "draft.onnx", stage / "draft_static.xml", opts.draft_weights,
