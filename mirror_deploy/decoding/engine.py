@@ -47,10 +47,8 @@ class Engine:
         else:
             self.profile = profile if isinstance(profile, Profile) else load_profile(profile)
         part = self.profile.target
-        # Two one-thread stages in a pipeline use two cores for the prompt; a runtime that already uses
-        # every core (threads 0 or > 1) or an accelerator gains nothing from it.
-        pipeline = part.backend == "onnxruntime" and part.device.lower() == "cpu" and part.threads == 1 \
-            and (os.cpu_count() or 1) >= 2
+        # Two one-thread stages in a pipeline can use two cores for the prompt, where the profile asks.
+        pipeline = part.prefill_pipeline and (os.cpu_count() or 1) >= 2
         self.target = TargetRunner(open_target(self.folder, self.manifest, self.profile), self.manifest,
                                    pipeline_prefill=pipeline)
         self.draft = DraftRunner(open_draft(self.folder, self.manifest, self.profile), self.manifest) \
