@@ -1,0 +1,180 @@
+"""The learned early exit: calibration text, feature collection, training, export (tiny random models)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from mirror_deploy.errors import MirrorDeployError
+from mirror_deploy.export.graphs import TargetPrefix
+from mirror_deploy.export.loading import open_source
+from mirror_deploy.runtimes.kv import causal_mask
+from mirror_deploy.tiny import build_tiny_pair
+from mirror_deploy.tuning.calibration import (CATEGORIES, CalibrationPrompt, encode_prompts, generate_sequences,
+                                              load_prompts)
+from mirror_deploy.tuning.features import FrozenHead, collect_features, split_by_sequence
+from mirror_deploy.tuning.lens import LensConfig, fit_lens, main, train_translator
+from mirror_deploy.tuning.translator import AffineTranslator, export_onnx, load_translators, save_translators
+
+BOUNDARIES = [2, 4]
+CONFIG = LensConfig(support=16, kappa=4, epochs=15, batch=64, lr=3e-3)
+PROMPTS = [CalibrationPrompt(c, t) for c in CATEGORIES
+           for t in (f"A {c} question: why?", f"Tell me about {c}, please.", f"{c}: 1, 2, 3")]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    target, _ = build_tiny_pair(tmp_path_factory.mktemp("lens"), "qwen2", target_layers=6)
+    src = open_source(target, "target")
+    src.load_model()
+    return src
+
+
+@pytest.fixture(scope="module")
+def sequences(source):
+    return generate_sequences(source.model, source.load_tokenizer(), PROMPTS, new_tokens=20, batch_size=len(PROMPTS))
+
+
+@pytest.fixture(scope="module")
+def features(source, sequences):
+    return collect_features(source.model, sequences, BOUNDARIES, support=CONFIG.support)
+
+
+@pytest.fixture(scope="module")
+def fitted(source, features):
+    return fit_lens(features, FrozenHead.of(source.model), CONFIG)
+
+
+def test_shipped_prompts_cover_every_task():
+    prompts = load_prompts()
+    assert 36 <= len(prompts) <= 60
+    assert {p.category for p in prompts} == set(CATEGORIES)
+    assert min(sum(p.category == c for p in prompts) for c in CATEGORIES) >= 6
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"), ("", "holds no prompts"), ("\n  \n", "holds no prompts"),
+    ("{not json\n", "not JSON"), ('{"category": "poetry", "prompt": "hi"}\n', "category"),
+    ('{"category": "qa", "prompt": "  "}\n', "prompt"),
+])
+def test_bad_calibration_file_is_a_clear_error(tmp_path, content, message):
+    path = tmp_path / "prompts.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(MirrorDeployError, match=message) as err:
+        load_prompts(path)
+    assert err.value.fix
+
+
+def test_calibration_longer_than_capacity_is_a_clear_error(source):
+    tokenizer = source.load_tokenizer()
+    long = CalibrationPrompt("chat", "x" * 300)
+    with pytest.raises(MirrorDeployError, match="longer than the capacity of 256") as err:
+        encode_prompts(tokenizer, [PROMPTS[0], long], new_tokens=8, capacity=256)
+    assert "prompt 2" in str(err.value) and err.value.fix
+    with pytest.raises(MirrorDeployError, match="capacity"):
+        generate_sequences(source.model, tokenizer, [long], new_tokens=8, capacity=256)
+
+
+def test_cli_refuses_a_missing_prompt_file(source, tmp_path, capsys):
+    assert main([str(source.path), "--prompts", str(tmp_path / "none.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_sequences_are_the_models_own_greedy_continuation(source, sequences):
+    tokenizer = source.load_tokenizer()
+    assert [s.ids[:s.prompt_len] for s in sequences] == [
+        tuple(tokenizer.apply_chat_template([{"role": "user", "content": p.text}], add_generation_prompt=True))
+        for p in PROMPTS]
+    agree = total = 0
+    with torch.no_grad():
+        for seq in sequences:
+            logits = source.model(torch.tensor([seq.ids])).logits[0]
+            for p in seq.continuation_positions:
+                agree += int(logits[p].argmax()) == seq.ids[p + 1]
+                total += 1
+    assert total >= len(PROMPTS) * 10 and agree / total > 0.97
+
+
+def test_boundary_hidden_state_is_what_the_exported_prefix_hands_over(source, sequences, features):
+    """hidden_states[L] == the TargetPrefix(exit_layer=L) output: the translator adapts the real handover."""
+    seq = sequences[0]
+    n = len(seq.ids)
+    shape = source.shape
+    for boundary in BOUNDARIES:
+        prefix = TargetPrefix(source.arch, source.model, boundary, kappa=4).eval()
+        empty = [torch.zeros(1, 0, shape.kv_heads, shape.head_dim)] * (2 * boundary)
+        with torch.no_grad():
+            out = prefix(torch.tensor([seq.ids]), torch.arange(n)[None], torch.from_numpy(causal_mask(0, n, 0)),
+                         torch.arange(n), *empty)
+        rows = list(seq.continuation_positions)
+        np.testing.assert_allclose(out[2][0, rows].numpy(), features.hidden[boundary][:len(rows)], atol=1e-4)
+
+
+def test_final_top1_is_the_next_token(sequences, features):
+    following = np.concatenate([[s.ids[p + 1] for p in s.continuation_positions] for s in sequences])
+    assert (features.final_ids[:, 0] == following).mean() > 0.97
+
+
+def test_untrained_translator_is_the_logit_lens():
+    hidden = torch.randn(5, 64) * 10
+    assert torch.equal(AffineTranslator(64, hidden.abs().mean(0))(hidden), hidden)
+
+
+def test_training_is_deterministic_for_a_seed(source, features):
+    head = FrozenHead.of(source.model)
+    train, _ = split_by_sequence(features, CONFIG.held_out, CONFIG.seed)
+    args = (head, train.hidden[2], train.final_ids, train.final_logprobs)
+    short = LensConfig(**{**CONFIG.__dict__, "epochs": 3})
+    first, second = train_translator(*args, short), train_translator(*args, short)
+    other = train_translator(*args, LensConfig(**{**short.__dict__, "seed": 1}))
+    assert first.weight.abs().sum() > 0
+    assert torch.equal(first.weight, second.weight) and torch.equal(first.bias, second.bias)
+    assert not torch.equal(first.weight, other.weight)
+
+
+def test_split_is_by_sequence_and_keeps_every_category(features):
+    train, test = split_by_sequence(features, 0.3, seed=0)
+    assert not set(train.sequence) & set(test.sequence)
+    assert train.rows + test.rows == features.rows
+    assert {features.category[s] for s in set(test.sequence)} == set(CATEGORIES)
+
+
+def test_learned_exit_beats_the_logit_lens_on_held_out_kl(fitted):
+    _, reports = fitted
+    assert [r.boundary for r in reports] == BOUNDARIES
+    for r in reports:
+        assert r.held_out_tokens > 0 and r.train_tokens > r.held_out_tokens
+        assert r.learned_kl < 0.8 * r.lens_kl, r
+        assert 0 <= r.lens_topk <= 1 and r.lens_top1 <= r.lens_topk and r.learned_top1 <= r.learned_topk
+        assert r.choice in ("learned", "logit_lens")
+
+
+def test_bad_boundaries_are_refused(source, sequences):
+    with pytest.raises(MirrorDeployError, match="outside"):
+        collect_features(source.model, sequences[:1], [0, 6])
+
+
+def test_onnx_translator_matches_torch(fitted, tmp_path):
+    translator = fitted[0][BOUNDARIES[0]]
+    path = export_onnx(translator, tmp_path / "t.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for rows in (1, 8):
+        hidden = torch.randn(1, rows, 64) * 3
+        (adapted,) = session.run(None, {"hidden_states": hidden.numpy()})
+        with torch.no_grad():
+            expected = translator(hidden).numpy()
+        assert not np.allclose(expected, hidden.numpy(), atol=1e-3)   # a trained, non-identity map
+        np.testing.assert_allclose(adapted, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_translators_round_trip_through_a_file(fitted, tmp_path):
+    translators, _ = fitted
+    loaded = load_translators(save_translators(translators, tmp_path / "lens.safetensors"))
+    assert sorted(loaded) == BOUNDARIES
+    hidden = torch.randn(3, 64)
+    for b in BOUNDARIES:
+        assert torch.equal(loaded[b](hidden), translators[b](hidden))
