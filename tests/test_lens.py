@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mirror_deploy.errors import MirrorDeployError
-from mirror_deploy.export.graphs import TargetPrefix
+from mirror_deploy.export.graphs import TargetSegment
 from mirror_deploy.export.loading import open_source
 from mirror_deploy.runtimes.kv import causal_mask
 from mirror_deploy.tiny import build_tiny_pair
@@ -100,18 +100,18 @@ def test_sequences_are_the_models_own_greedy_continuation(source, sequences):
 
 
 def test_boundary_hidden_state_is_what_the_exported_prefix_hands_over(source, sequences, features):
-    """hidden_states[L] == the TargetPrefix(exit_layer=L) output: the translator adapts the real handover."""
+    """hidden_states[L] == what the segments [0, L) hand over: the translator adapts the real handover."""
     seq = sequences[0]
     n = len(seq.ids)
     shape = source.shape
     for boundary in BOUNDARIES:
-        prefix = TargetPrefix(source.arch, source.model, boundary, kappa=4).eval()
+        prefix = TargetSegment(source.arch, source.model, 0, boundary).eval()
         empty = [torch.zeros(1, 0, shape.kv_heads, shape.head_dim)] * (2 * boundary)
         with torch.no_grad():
             out = prefix(torch.tensor([seq.ids]), torch.arange(n)[None], torch.from_numpy(causal_mask(0, n, 0)),
-                         torch.arange(n), *empty)
+                         *empty)
         rows = list(seq.continuation_positions)
-        np.testing.assert_allclose(out[2][0, rows].numpy(), features.hidden[boundary][:len(rows)], atol=1e-4)
+        np.testing.assert_allclose(out[0][0, rows].numpy(), features.hidden[boundary][:len(rows)], atol=1e-4)
 
 
 def test_final_top1_is_the_next_token(sequences, features):
@@ -178,3 +178,33 @@ def test_translators_round_trip_through_a_file(fitted, tmp_path):
     hidden = torch.randn(3, 64)
     for b in BOUNDARIES:
         assert torch.equal(loaded[b](hidden), translators[b](hidden))
+
+
+def test_learn_exit_attaches_to_an_artifact_and_stays_lossless(tmp_path):
+    """`learn-exit` trains at the artifact's exit layers, adds the graphs atomically, `check` compares them
+    with the translator weights, and decoding with the learned exit still equals autoregressive."""
+    from typer.testing import CliRunner
+
+    from mirror_deploy import cli
+    from mirror_deploy.check import PASS, check_artifact
+    from mirror_deploy.decoding.config import GenerationConfig as G
+    from mirror_deploy.decoding.engine import Engine
+    from mirror_deploy.export.pipeline import ExportOptions, export_artifact
+    from mirror_deploy.tiny import build_tiny_pair
+
+    target, draft = build_tiny_pair(tmp_path / "m", "qwen2", target_layers=6, noise=0.05)
+    art = export_artifact(target, draft, tmp_path / "art",
+                          ExportOptions(kappa=4, gamma=4, max_context=256, branch_batch=4, exit_layers=[2, 3]))
+    result = CliRunner().invoke(cli.app, ["learn-exit", str(art), "--new-tokens", "24", "--epochs", "20"])
+    assert result.exit_code == 0, result.output
+    engine = Engine(art)
+    assert engine.target.graphs.adapters, "no learned exit was attached"
+    report = check_artifact(art)
+    rows = [r for r in report.rows if r.check == "parity learned exit"]
+    assert report.ok and rows and all(r.result == PASS for r in rows), [r for r in report.rows if r.result != "PASS"]
+    layer = sorted(engine.target.graphs.adapters)[0]
+    prompt = "The quick brown fox"
+    expected = engine.generate(prompt, G(max_new_tokens=24, mode="ar", stop_at_eos=False)).tokens
+    learned = engine.generate(prompt, G(max_new_tokens=24, exit_layer=layer, stop_at_eos=False))
+    lens = engine.generate(prompt, G(max_new_tokens=24, exit_layer=layer, learned_exit=False, stop_at_eos=False))
+    assert learned.tokens == expected == lens.tokens

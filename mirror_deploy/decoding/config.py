@@ -25,6 +25,7 @@ class GenerationConfig:
     adaptive_gamma: bool = True       # shorten/lengthen the window within [1, γ] from the run's acceptance
     exit_layer: int | None = None     # mirror: early-exit layer, one the artifact exported (None = its default)
     kappa: int | None = None          # mirror: early-exit top-κ width (None = the artifact's κ, its most)
+    learned_exit: bool = True         # mirror: use the artifact's learned exit at ℓe when it has one
     stop_at_eos: bool = True
 
     @property

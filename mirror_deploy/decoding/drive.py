@@ -19,9 +19,11 @@ class TargetDriver(TargetRunner):
     """A TargetRunner that runs whole windows at any start, rolling back first."""
 
     @classmethod
-    def for_manifest(cls, graphs: TargetGraphs, manifest, exit_layer: int | None = None) -> "TargetDriver":
+    def for_manifest(cls, graphs: TargetGraphs, manifest, exit_layer: int | None = None,
+                     learned_exit: bool = False) -> "TargetDriver":
+        """The logit-lens exit by default (what `check` compares with PyTorch)."""
         driver = cls(graphs, manifest)
-        driver.configure(exit_layer or manifest.exit_layer, manifest.kappa)
+        driver.configure(exit_layer or manifest.exit_layer, manifest.kappa, learned_exit)
         return driver
 
     @property

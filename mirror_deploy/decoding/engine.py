@@ -103,7 +103,8 @@ class Engine:
             raise MirrorDeployError(f"branch budget {budget} exceeds the static draft's {self.manifest.branch_batch}",
                                     f"use at most {self.manifest.branch_batch} or re-export with a larger --branch-batch")
         self.check_capacity(len(ids), cfg, gamma, budget)
-        self.target.configure(cfg.exit_layer or self.manifest.exit_layer, cfg.kappa or self.manifest.kappa)
+        self.target.configure(cfg.exit_layer or self.manifest.exit_layer, cfg.kappa or self.manifest.kappa,
+                              cfg.learned_exit)
         if cfg.mode != "ar" and self.draft is None:
             raise MirrorDeployError("this engine was opened without its draft", "open it with load_draft=True")
         emit = on_tokens or (lambda new: None)

@@ -55,8 +55,9 @@ class TargetRunner:
         self._pipeline = ThreadPoolExecutor(1, thread_name_prefix="target-prefill") if pipeline_prefill else None
         self.configure(manifest.exit_layer, manifest.kappa)
 
-    def configure(self, exit_layer: int, kappa: int) -> None:
-        """Choose the run's exit layer (an exported segment boundary) and top-κ width."""
+    def configure(self, exit_layer: int, kappa: int, learned_exit: bool = True) -> None:
+        """Choose the run's exit layer (an exported segment boundary), top-κ width, and whether the exit
+        uses the learned translator at that layer when the artifact has one (else the logit lens)."""
         if exit_layer not in self.exit_layers:
             raise MirrorDeployError(f"exit layer {exit_layer} was not exported in this artifact",
                                     f"use one of {', '.join(map(str, self.exit_layers))}, or re-export with "
@@ -66,6 +67,7 @@ class TargetRunner:
                                     f"use at most {self.kappa_max}, or re-export with a larger --kappa")
         self.split = self.exit_layers.index(exit_layer) + 1   # segments [0, split) form the prefix
         self.kappa = kappa
+        self.adapter = (self.graphs.adapters or {}).get(exit_layer) if learned_exit else None
 
     def close(self) -> None:
         if self._pipeline is not None:
@@ -94,7 +96,10 @@ class TargetRunner:
 
     def head(self, hidden: np.ndarray, rows: np.ndarray, exit_head: bool = False) -> dict:
         graph = (self.graphs.exit_head or self.graphs.head) if exit_head else self.graphs.head
-        return graph.run({"hidden_states": np.ascontiguousarray(hidden[:, rows])})
+        hidden = np.ascontiguousarray(hidden[:, rows])
+        if exit_head and self.adapter is not None:
+            hidden = self.adapter.run({"hidden_states": hidden})["adapted"]
+        return graph.run({"hidden_states": hidden})
 
     def prefix(self, window: list[int], exit_rows: bool) -> PrefixPass:
         seq = len(window)

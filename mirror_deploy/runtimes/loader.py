@@ -25,6 +25,7 @@ class TargetGraphs:
     layers: list[tuple[int, int]]
     head: CompiledGraph
     exit_head: CompiledGraph | None = None
+    adapters: dict[int, CompiledGraph] | None = None   # exit layer -> learned exit (applied before the head)
 
 
 def open_graph(folder: Path, manifest: Manifest, name: str, part: PartProfile, logical: str) -> CompiledGraph:
@@ -61,8 +62,13 @@ def draft_graph_name(manifest: Manifest, profile: Profile) -> str:
     return "draft_stateful"
 
 
+def adapter_names(manifest: Manifest) -> list[str]:
+    return sorted(k for k in manifest.graphs if k.startswith("exit_adapter_"))
+
+
 def target_graph_names(manifest: Manifest) -> list[str]:
-    return [*manifest.target_segments(), "target_head", *(["exit_head"] if "exit_head" in manifest.graphs else [])]
+    return [*manifest.target_segments(), "target_head", *(["exit_head"] if "exit_head" in manifest.graphs else []),
+            *adapter_names(manifest)]
 
 
 def open_target(folder: Path, manifest: Manifest, profile: Profile) -> TargetGraphs:
@@ -73,8 +79,9 @@ def open_target(folder: Path, manifest: Manifest, profile: Profile) -> TargetGra
 def target_graphs(manifest: Manifest, opened: dict[str, CompiledGraph]) -> TargetGraphs:
     """Assemble TargetGraphs from graphs opened by name (runtime graphs, or check's references)."""
     names = manifest.target_segments()
+    adapters = {manifest.graphs[n].layers[0]: opened[n] for n in adapter_names(manifest) if n in opened}
     return TargetGraphs([opened[n] for n in names], [tuple(manifest.graphs[n].layers) for n in names],
-                        opened["target_head"], opened.get("exit_head"))
+                        opened["target_head"], opened.get("exit_head"), adapters)
 
 
 def open_draft(folder: Path, manifest: Manifest, profile: Profile) -> CompiledGraph:

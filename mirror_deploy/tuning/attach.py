@@ -1,0 +1,79 @@
+"""Put learned exits into an artifact: `mirror-deploy learn-exit DIR`.
+
+Each chosen boundary L gets `exit_adapter_L.onnx` (hidden_states -> adapted, one MatMul and two Adds),
+which the runtime applies to the exit rows before the head; the translators' weights also go in
+(`exit_adapters.safetensors`) so `check` can compare the ONNX graphs with them. Files are written under
+temporary names and the manifest is replaced last (atomic rename): an interrupted run leaves the artifact
+as it was.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from ..artifact import MANIFEST, GraphEntry, read_manifest, sha256_file
+from ..errors import MirrorDeployError
+from .translator import AffineTranslator, export_onnx, save_translators
+
+WEIGHTS_FILE = "exit_adapters.safetensors"
+
+
+def adapter_name(layer: int) -> str:
+    return f"exit_adapter_{layer}"
+
+
+def attach(folder: str | Path, translators: dict[int, AffineTranslator], reports: list | None = None) -> list[int]:
+    """Write the translators for the artifact's exported exit layers; returns the layers attached."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    d = manifest.target["hidden_size"]
+    chosen = {b: t for b, t in translators.items() if b in manifest.exit_layers}
+    if reports is not None:   # only where the learned exit beat the logit lens on held-out text
+        chosen = {b: t for b, t in chosen.items() if any(r.boundary == b and r.choice == "learned" for r in reports)}
+    if not chosen:
+        raise MirrorDeployError(f"no translator for the artifact's exit layers {manifest.exit_layers} "
+                                f"(have {sorted(translators)})", "train at the artifact's exit layers")
+    wrong = [b for b, t in chosen.items() if t.weight.shape[0] != d]
+    if wrong:
+        raise MirrorDeployError(f"translators for layers {wrong} have width {chosen[wrong[0]].weight.shape[0]}, "
+                                f"the target's hidden size is {d}", "train them on this artifact's target")
+    written: list[Path] = []
+    try:
+        weights = Path(tempfile.mkstemp(prefix=".adapters-", suffix=".tmp", dir=folder)[1])
+        written.append(weights)
+        save_translators(chosen, weights)
+        staged = {}
+        for b, translator in sorted(chosen.items()):
+            tmp = folder / f".{adapter_name(b)}.onnx.tmp"
+            written.append(tmp)
+            export_onnx(translator, tmp)
+            staged[b] = tmp
+        for b, tmp in staged.items():   # every file complete: move into place, then the manifest
+            tmp.replace(folder / f"{adapter_name(b)}.onnx")
+        weights.replace(folder / WEIGHTS_FILE)
+        for name in [k for k in manifest.graphs if k.startswith("exit_adapter_")]:
+            del manifest.graphs[name]
+        for b in staged:
+            onnx_file = folder / f"{adapter_name(b)}.onnx"
+            manifest.graphs[adapter_name(b)] = GraphEntry(
+                file=onnx_file.name, format="onnx",
+                sha256={onnx_file.name: sha256_file(onnx_file), WEIGHTS_FILE: sha256_file(folder / WEIGHTS_FILE)},
+                inputs=[{"name": "hidden_states", "dtype": "float32", "shape": [1, "rows", d]}],
+                outputs=[{"name": "adapted", "dtype": "float32", "shape": [1, "rows", d]}],
+                layers=[b, b])
+        tmp_manifest = folder / f".{MANIFEST}.tmp"
+        written.append(tmp_manifest)
+        tmp_manifest.write_text(manifest.to_json())
+        os.replace(tmp_manifest, folder / MANIFEST)
+    finally:
+        for path in written:
+            if path.exists():
+                path.unlink()
+    return sorted(staged)
+
+
+def report_json(reports) -> str:
+    from dataclasses import asdict
+    return json.dumps([asdict(r) for r in reports], indent=2)
