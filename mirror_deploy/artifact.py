@@ -46,6 +46,7 @@ class Manifest:
     profile: dict
     graphs: dict[str, GraphEntry]
     tokenizer: str | None = "tokenizer"
+    tuning: dict | None = None       # {"file": "tuning.json", "sha256": ...} once `mirror-deploy tune` ran
     schema_version: int = SCHEMA_VERSION
     created_by: str = field(default="mirror-deploy")
 

@@ -103,6 +103,7 @@ def check_artifact(folder, profile: str | None = None, skip_parity: bool = False
     except (TypeError, AttributeError, KeyError) as err:  # graph entries of the wrong structure
         report.add("hash", MANIFEST, False, f"graph entries do not validate ({type(err).__name__}: {err})")
         return report
+    _check_tuning(folder, manifest, report)
     if problems:
         return report  # graphs described by a manifest that disagrees with itself are not worth loading
     graphs = _load_graphs(folder, manifest, prof, intact, report)
@@ -177,6 +178,24 @@ def _check_files(folder: Path, m: Manifest, report: CheckReport) -> set[str]:
             "" if same_io else f"; but manifest.json's inputs/outputs for {name} differ from {entry.file}"))
         intact.add(name)
     return intact
+
+
+def _check_tuning(folder: Path, m: Manifest, report: CheckReport) -> None:
+    """tuning.json (when `mirror-deploy tune` ran): its hash, and choices the artifact can run."""
+    from .tuning.store import read_tuning
+    if not m.tuning:
+        report.add("tuning", "tuning.json", True, "not tuned: runs use the manifest's defaults "
+                   "(`mirror-deploy tune DIR` measures and chooses settings)")
+        return
+    try:
+        data = read_tuning(folder, m)
+    except MirrorDeployError as err:
+        report.fail("tuning", "tuning.json", err)
+        return
+    mirror = data["choice"]["mirror"]
+    report.add("tuning", "tuning.json", True,
+               f"hash matches; mirror ℓe={mirror['exit_layer']} κ={mirror['kappa']} γ={mirror['gamma']} "
+               f"budget={mirror['branch_budget']}, sd γ={data['choice']['sd']['gamma']}, on profile {data['profile']}")
 
 
 def _load_graphs(folder, m: Manifest, prof: Profile, intact: set[str], report: CheckReport) -> dict:

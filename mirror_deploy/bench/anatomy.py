@@ -10,7 +10,9 @@ so drift and other load hit all items alike), at a given KV context:
 from __future__ import annotations
 
 import statistics
+import threading
 import time
+from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
@@ -39,7 +41,38 @@ def interleaved(items: Timed, rounds: int, warmup: int = 2) -> dict[str, float]:
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def target_items(engine: Engine, context: int, rows: tuple[int, ...], rng) -> Timed:
+def segment_key(first: int, stop: int, rows: int) -> str:
+    return f"segment {first}-{stop - 1} ({stop - first} layers) × {rows}"
+
+
+def head_key(rows: int, exit_head: bool = False) -> str:
+    return f"{'exit head' if exit_head else 'head'} × {rows}"
+
+
+def draft_key(width: int) -> str:
+    return f"draft call × {width}"
+
+
+@contextmanager
+def running_beside(call: Callable[[], None]):
+    """Keep `call` running in a loop on another thread (the other device busy, as in a Mirror step)
+    while the body times its own items."""
+    stop = threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            call()
+    thread = threading.Thread(target=loop, name="beside", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def target_items(engine: Engine, context: int, rows: tuple[int, ...], rng, steps: bool = True) -> Timed:
+    """Each segment, the head and the exit head at each row count (`steps`: the composed step too)."""
     m, target = engine.manifest, engine.target
     driver = TargetDriver(target.graphs, m)
     ids = rng.integers(0, m.target["vocab_size"], context + max(rows))
@@ -51,15 +84,16 @@ def target_items(engine: Engine, context: int, rows: tuple[int, ...], rng) -> Ti
         hidden = rng.standard_normal((1, r, d)).astype(np.float32)
         for i, (a, b) in enumerate(target.graphs.layers):
             first = ids[None, context:context + r] if i == 0 else hidden
-            items[f"segment {a}-{b - 1} ({b - a} layers) × {r}"] = (
+            items[segment_key(a, b, r)] = (
                 lambda i=i, first=first, feeds=feeds: driver.run_segments(i, i + 1, first, feeds, {}))
-        items[f"head × {r}"] = lambda hidden=hidden, r=r: driver.head(hidden, np.arange(r))
+        items[head_key(r)] = lambda hidden=hidden, r=r: driver.head(hidden, np.arange(r))
         if target.graphs.exit_head is not None:
-            items[f"exit head × {r}"] = lambda hidden=hidden, r=r: driver.head(hidden, np.arange(r), True)
+            items[head_key(r, True)] = lambda hidden=hidden, r=r: driver.head(hidden, np.arange(r), True)
         def step(r=r):
             driver.window(ids[context:context + r], start=context)
             driver.rollback(context)          # every item runs over the same `context` positions
-        items[f"target step × {r}"] = step
+        if steps:
+            items[f"target step × {r}"] = step
     return items
 
 
@@ -77,7 +111,7 @@ def draft_items(engine: Engine, context: int, widths: tuple[int, ...], rng) -> T
         def call(tokens=tokens):
             driver.call(tokens, [COMMITTED] * len(tokens))
             driver.rollback()
-        items[f"draft call × {w}"] = call
+        items[draft_key(w)] = call
     return items
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -54,6 +54,8 @@ class Engine:
         self.draft = DraftRunner(open_draft(self.folder, self.manifest, self.profile), self.manifest) \
             if load_draft else None
         self.tokenizer = self._load_tokenizer()
+        from ..tuning.store import read_tuning
+        self.tuning = read_tuning(self.folder, self.manifest)   # `mirror-deploy tune`'s choice, if any
         self.eos = set(self.manifest.target.get("eos_token_ids") or [])
 
     def _load_tokenizer(self):
@@ -82,6 +84,7 @@ class Engine:
 
     def room(self, prompt_len: int, cfg: GenerationConfig) -> int:
         """The most new tokens a `prompt_len`-token prompt leaves room for (0 or less: none)."""
+        cfg = self.with_tuned_defaults(cfg)
         return self.manifest.max_context - prompt_len - self._overhead(cfg, *self._window_and_budget(cfg))
 
     def check_capacity(self, prompt_len: int, cfg: GenerationConfig, gamma: int, budget: int) -> None:
@@ -91,6 +94,13 @@ class Engine:
             raise capacity_error(f"a {prompt_len}-token prompt + {cfg.max_new_tokens} new tokens", need,
                                  self.manifest.max_context)
 
+    def with_tuned_defaults(self, cfg: GenerationConfig) -> GenerationConfig:
+        """Fill the fields `cfg` leaves None with the tuned choice for its mode (explicit values win)."""
+        from ..tuning.store import tuned_defaults
+        tuned = tuned_defaults(self.tuning, cfg.mode, self.profile.name)
+        filled = {k: v for k, v in tuned.items() if getattr(cfg, k, 0) is None}
+        return replace(cfg, **filled) if filled else cfg
+
     def generate(self, prompt: str | list[int], config: GenerationConfig | None = None, chat: bool = False,
                  on_tokens: Callable[[list[int]], bool | None] | None = None) -> GenerationResult:
         """`on_tokens(new_ids)` is called as tokens commit; returning True ends the run after that step."""
@@ -98,6 +108,7 @@ class Engine:
         ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise MirrorDeployError("the prompt is empty", "give at least one token of prompt")
+        cfg = self.with_tuned_defaults(cfg)
         gamma, budget = self._window_and_budget(cfg)
         if budget > self.manifest.branch_batch and self.draft.static_seq:
             raise MirrorDeployError(f"branch budget {budget} exceeds the static draft's {self.manifest.branch_batch}",

@@ -134,7 +134,7 @@ def speculative(target: TargetRunner, draft: DraftRunner, prompt: list[int], cfg
             if mirror:
                 result = worker.finish(handle, accepted, correction)
                 record.branches, record.reused, record.fallback = result.branches, result.reused, not result.reused
-                record.t_draft = result.busy
+                record.t_draft, record.needed_rank = result.busy, result.needed_rank
                 hits = exit_hits(pp.exit_ids, logits.argmax(axis=-1))
                 record.exit_hits, record.exit_positions = int(hits.sum()), len(hits)
                 next_window = result.window

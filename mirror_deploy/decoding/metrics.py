@@ -23,6 +23,8 @@ class StepRecord:
     t_exposed: float = 0.0        # target side waiting on the draft after verification
     t_draft_on_path: float = 0.0  # draft runtime time that the step waited for (all of it when serial)
     t_step: float = 0.0
+    needed_rank: int | None = None  # mirror: rank of the needed branch (A+1, c) in the draft's ranked list
+                                    # (-1: not in it); `mirror-deploy tune` measures branch coverage with it
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import MirrorDeployError
-from .branches import AcceptanceHistory, draft_view, rank_branches
+from .branches import CONTINUATION, AcceptanceHistory, draft_view, rank_branches
 from .config import GenerationConfig
 from .draft import BranchRun, DraftRunner, Window
 
@@ -34,6 +34,7 @@ class DraftResult:
     branches: int
     busy: float          # draft device time this step
     resolved_at: float   # perf_counter when the verdict reached the draft side
+    needed_rank: int = -1  # where the needed branch (A+1, c) stood in the ranking (-1: absent)
 
 
 @dataclass
@@ -57,6 +58,7 @@ class DraftWorker:
         self._verdict = None
         self._ready = threading.Event()
         self._run: BranchRun | None = None
+        self._ranked: list[tuple[int, int]] = []
         self._inputs: StepInputs | None = None
         self.history: AcceptanceHistory | None = None
 
@@ -111,6 +113,7 @@ class DraftWorker:
         view = draft_view(w.top_ids, w.top_probs, w.tokens, w.probs) if w is not None and w.top_ids else None
         chosen = rank_branches(s.exit_ids, s.exit_logprobs, s.drafts, s.budget, self.history, view,
                                continuation=True)
+        self._ranked = chosen
         poll = self._poll if self.pool is not None else (lambda: None)
         self._run = self.draft.roll_out_branches(chosen, s.drafts, s.root_pos, s.cfg, s.window_id, poll, s.length)
 
@@ -126,8 +129,20 @@ class DraftWorker:
         self.history.observe(accepted, None if not full or guess is None else guess == correction, len(s.drafts))
         window, reused = self.draft.advance(accepted, correction, s.drafts, s.root_pos, s.length or len(s.drafts),
                                             s.cfg, s.window_id, self._run)
-        return DraftResult(window, reused, len(self._run.branches), self.draft.take_busy(), resolved_at)
+        return DraftResult(window, reused, len(self._run.branches), self.draft.take_busy(), resolved_at,
+                           needed_rank(self._ranked, accepted, correction, len(s.drafts), guess))
 
     def _whole_step(self) -> DraftResult | None:
         self._branch_phase()
         return self._advance_phase()
+
+
+def needed_rank(ranked: list[tuple[int, int]], accepted: int, correction: int, gamma: int,
+                guess: int | None) -> int:
+    """Index of the branch the verdict needs in `ranked`, or -1; the continuation counts when the
+    draft's guess for the bonus token was the target's."""
+    needed = (accepted + 1, correction)
+    for i, key in enumerate(ranked):
+        if key == needed or (key == CONTINUATION and accepted == gamma and guess == correction):
+            return i
+    return -1
