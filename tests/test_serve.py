@@ -294,7 +294,7 @@ def test_client_timeout_on_a_plain_request_frees_the_engine(server):
     wait_idle(server)
     cancelled = metric(server, 'mirror_deploy_generations_total{finish_reason="cancelled"}')
     with pytest.raises(openai.APITimeoutError):
-        server.client(timeout=0.3).completions.create(model="llama", prompt="Once", max_tokens=LONG, temperature=0)
+        server.client(timeout=0.1).completions.create(model="llama", prompt="Once", max_tokens=LONG, temperature=0)
     wait_idle(server, 5)
     assert metric(server, 'mirror_deploy_generations_total{finish_reason="cancelled"}') == cancelled + 1
 
