@@ -109,6 +109,9 @@ def draft_items(engine: Engine, context: int, widths: tuple[int, ...], rng) -> T
         tokens = [int(t) for t in rng.integers(0, vocab, w)]
 
         def call(tokens=tokens):
+            # Dropped slots stay masked until compaction (draft_cache.py): repeated calls must make room
+            # the way a rollout does. Only committed slots are held here, so compaction is safe.
+            driver.cache.ensure_room(len(tokens))
             driver.call(tokens, [COMMITTED] * len(tokens))
             driver.rollback()
         items[draft_key(w)] = call
