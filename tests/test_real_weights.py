@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 
 import torch
 import pytest
@@ -42,7 +43,9 @@ def real_small_pair(real_source, tmp_path_factory):
         small.generation_config = model.generation_config
         small.save_pretrained(root / "models" / name)
         tok.save_pretrained(root / "models" / name)
-    return root
+    del model
+    yield root
+    shutil.rmtree(root, ignore_errors=True)   # ~7 GB of checkpoints and graphs: do not keep them around
 
 
 @pytest.fixture(scope="module")
