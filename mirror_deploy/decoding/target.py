@@ -17,9 +17,6 @@ from ..errors import MirrorDeployError
 from ..runtimes.kv import KVCache, causal_mask
 from ..runtimes.loader import TargetGraphs
 
-NO_ROWS = np.zeros(0, np.int64)
-
-
 @dataclass
 class PrefixPass:
     """One window through the segments before the exit layer: what the suffix and the draft need."""
@@ -112,13 +109,11 @@ class TargetRunner:
         pp.seconds = time.perf_counter() - t0
         return pp
 
-    def suffix(self, pp: PrefixPass, rows: np.ndarray | None = None) -> tuple[dict, float]:
-        """The remaining segments, then the head on `rows` (default: every window row)."""
-        rows = np.arange(pp.seq) if rows is None else rows
+    def suffix(self, pp: PrefixPass) -> tuple[dict, float]:
+        """The remaining segments, then the head on every window row (prefill never calls it)."""
         t0 = time.perf_counter()
         hidden = self.run_segments(self.split, len(self.kv), pp.hidden, pp.feeds, pp.segment_outputs)
-        logits = self.head(hidden, rows)["logits"] if len(rows) else np.zeros((1, 0, 0), np.float32)
-        return {"logits": logits}, time.perf_counter() - t0
+        return {"logits": self.head(hidden, np.arange(pp.seq))["logits"]}, time.perf_counter() - t0
 
     def commit(self, pp: PrefixPass, suffix_out: dict | None, keep: int) -> None:
         """Keep the K/V of the window's first `keep` positions (root + accepted); drop the rest."""
