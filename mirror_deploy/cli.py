@@ -63,8 +63,9 @@ def export(
     branch_batch: int = typer.Option(8, help="Most branches the draft decodes per call (static width − 1)."),
     profile: str = typer.Option("cpu-sim", help="Device profile name or .toml file."),
     draft_weights: str = typer.Option("fp32", help="Draft weight format for its device: fp32|fp16|int8|int4."),
-    target_weights: str = typer.Option("fp32", help="Target weight format: fp32|int8|int4 (weight-only, "
-                                       "ONNX Runtime MatMulNBits)."),
+    target_weights: str = typer.Option("fp32", help="Target weight format: fp32|fp16|int8|int4. int8/int4 are "
+                                       "weight-only: ONNX Runtime MatMulNBits, or NNCF in OpenVINO IR when the "
+                                       "profile runs the target on OpenVINO; fp16 is for GPUs."),
     exit_head_weights: str = typer.Option("shared", help="Early-exit head: shared (the target's own) or a "
                                           "cheaper int8|int4 copy (it only ranks branches: speed, never output)."),
     force: bool = typer.Option(False, "--force", help="Replace DIR if it exists."),

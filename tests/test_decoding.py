@@ -406,3 +406,55 @@ def test_pipelined_prefill_equals_sequential(agreeing_pair, tmp_path):
     for seq, pipe in zip(*caches):
         for name in seq:
             np.testing.assert_array_equal(seq[name], pipe[name])
+
+
+OV_TARGET_PROFILE = ('name = "ov-target"\ndescription = "target and draft on OpenVINO CPU"\n'
+                     '[target]\nbackend = "openvino"\ndevice = "CPU"\nthreads = 1\nprecision = "f32"\n'
+                     '[draft]\nbackend = "openvino"\ndevice = "CPU"\nthreads = 1\nprecision = "f32"\n')
+
+
+def test_openvino_target_gets_nncf_weights_and_stays_exact(agreeing_pair, tmp_path):
+    """A profile whose target runs on OpenVINO gets the target as IR with NNCF int8 weights (not ORT's
+    MatMulNBits); weight-only, so every mode equals this artifact's own autoregressive output exactly."""
+    import openvino as ov
+    from mirror_deploy.check import check_artifact
+    profile = tmp_path / "ov-target.toml"
+    profile.write_text(OV_TARGET_PROFILE)
+    art = export_artifact(*agreeing_pair, tmp_path / "ov", ExportOptions(kappa=4, gamma=4, max_context=256,
+                          branch_batch=4, target_weights="int8", profile=str(profile)), QUIET)
+    engine = Engine(art)
+    m = engine.manifest
+    for name in [*m.target_segments(), "target_head"]:
+        entry = m.graphs[name]
+        assert entry.format == "openvino" and entry.file.endswith(".xml") and entry.weights == "int8"
+        assert not (art / f"{name}.onnx").exists()
+        types = {op.get_output_element_type(0).get_type_name() for op in ov.Core().read_model(art / entry.file).get_ops()
+                 if op.get_type_name() == "Constant"}
+        assert types & {"u8", "i8"}, (name, types)     # NNCF's compressed weights are in the IR
+    assert engine.target.graphs.segments[0].device == "CPU"          # really the OpenVINO runtime
+    for prompt in PROMPTS[:3]:
+        expected = _ar(engine, prompt)
+        for mode, schedule in SPEC_MODES:
+            got = engine.generate(prompt, G(max_new_tokens=24, mode=mode, schedule=schedule,
+                                            stop_at_eos=False)).tokens
+            assert got == expected, (prompt, mode, schedule)
+    report = check_artifact(art)
+    assert report.ok, [r for r in report.rows if r.result != "PASS"]
+
+
+def test_fp16_target_decodes_every_mode_like_its_own_ar(agreeing_pair, tmp_path):
+    """fp16 weights and compute, fp32 inputs and outputs (GPU format; ORT CPU runs it through casts)."""
+    import onnx
+    art = export_artifact(*agreeing_pair, tmp_path / "fp16", ExportOptions(kappa=4, gamma=4, max_context=256,
+                          branch_batch=4, target_weights="fp16"), QUIET)
+    graph = onnx.load(str(art / "target_seg1.onnx")).graph
+    assert {i.data_type for i in graph.initializer if len(i.dims) == 2} == {onnx.TensorProto.FLOAT16}
+    assert all(v.type.tensor_type.elem_type != onnx.TensorProto.FLOAT16 for v in [*graph.input, *graph.output])
+    engine = Engine(art)
+    for prompt in PROMPTS[:3]:
+        expected = _ar(engine, prompt)
+        for mode, schedule in SPEC_MODES:
+            got = engine.generate(prompt, G(max_new_tokens=24, mode=mode, schedule=schedule,
+                                            stop_at_eos=False)).tokens
+            if got != expected:
+                assert _divergence_is_within_noise(engine, engine.encode(prompt), expected, got), (prompt, mode)

@@ -200,14 +200,27 @@ for argv in json.loads(sys.argv[1]):
 """
 
 
+# Our artifact's --target-weights -> optimum-cli's --weight-format for the peer's target, so both run the
+# same kind of weights: int8 is weight-only per-channel there, int4 symmetric in groups of 128 as ours.
+OV_TARGET_FORMATS = {"fp32": "fp32", "int8": "int8", "int4": "int4"}
+
+
 def export_openvino_models(target_dir, draft_dir, cache=None, draft_weight_format: str = "int4",
-                           group_size: int = 128) -> tuple[Path, Path]:
+                           group_size: int = 128, target_weight_format: str = "fp32") -> tuple[Path, Path]:
     """Export once into `cache` (default <mirror-deploy cache>/peers) and return (target_ir, draft_ir), as
     `optimum-cli export openvino --model DIR --task text-generation-with-past --weight-format fp32 OUT`
-    for the target and `... --weight-format int4 --group-size 128 --ratio 1.0 --sym OUT` for the draft."""
+    for the target (or int8 / int4, matching the artifact's target weights) and
+    `... --weight-format int4 --group-size 128 --ratio 1.0 --sym OUT` for the draft."""
     _require("optimum.intel")
-    quant = ["--group-size", str(group_size), "--ratio", "1.0", "--sym"] if draft_weight_format == "int4" else []
-    jobs = [(target_dir, "fp32", []), (draft_dir, draft_weight_format, quant)]
+    if target_weight_format not in OV_TARGET_FORMATS:
+        raise MirrorDeployError(f"no OpenVINO GenAI peer for a {target_weight_format} target",
+                                f"use an artifact with --target-weights {' / '.join(OV_TARGET_FORMATS)}")
+
+    def quant(fmt: str) -> list[str]:
+        return ["--group-size", str(group_size), "--ratio", "1.0", "--sym"] if fmt == "int4" else []
+
+    target_fmt = OV_TARGET_FORMATS[target_weight_format]
+    jobs = [(target_dir, target_fmt, quant(target_fmt)), (draft_dir, draft_weight_format, quant(draft_weight_format))]
     outs = [_entry(cache, f"ov-{fmt}" + (f"-g{group_size}" if extra else ""), model) for model, fmt, extra in jobs]
 
     def build(temps: dict[int, Path]) -> None:
@@ -383,7 +396,8 @@ def make_peers(names: list[str], manifest) -> list[tuple[str, Callable[[], objec
         if family == "hf-assisted":
             return TransformersAssisted(target, draft, num_assistant_tokens=int(placement) if placement else None)
         if family.startswith("ov-genai"):
-            target_ir, draft_ir = export_openvino_models(target, draft)
+            target_ir, draft_ir = export_openvino_models(target, draft,
+                                                         target_weight_format=manifest.target_weights)
             return OpenVinoGenAI(target_ir, draft_ir if family.endswith("sd") else None, placement)
         folder = build_ortgenai_models(target, draft)
         return OrtGenAI(folder, speculative=family.endswith("sd"), threads=int(placement.rstrip("t")))

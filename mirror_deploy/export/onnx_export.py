@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import onnx
+import onnx.external_data_helper
 import torch
 
 from .shapes import ModelShape, TensorSpec, dynamic_axes
@@ -99,10 +100,32 @@ def quantize_matmuls(path: Path, bits: int) -> None:
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=32 if bits == 8 else 128, is_symmetric=True,
                                      accuracy_level=4, nodes_to_exclude=gathers, op_types_to_quantize=("MatMul",))
     quantizer.process()
-    quantized = quantizer.model.model
+    _save_in_place(quantizer.model.model, path)
+
+
+def convert_to_fp16(path: Path) -> None:
+    """fp16 weights and compute (onnxruntime's float16 converter), in place; inputs and outputs stay fp32 so
+    the runtimes feed the same tensors. For GPU providers: ONNX Runtime's CPU provider runs fp16 nodes
+    through inserted casts (correct, and slower than fp32)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    # The converter needs every tensor's type; infer them from the file (in-memory inference stops at
+    # protobuf's 2 GiB, which the first segment with its embedding passes).
+    typed = path.with_name(path.stem + ".typed.onnx")
+    try:
+        onnx.shape_inference.infer_shapes_path(str(path), str(typed))
+        model = onnx.load(str(typed), load_external_data=False)
+        onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+    finally:
+        typed.unlink(missing_ok=True)
+    model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+    _save_in_place(model, path)
+
+
+def _save_in_place(model: onnx.ModelProto, path: Path) -> None:
     side = path.with_name(path.name + ".data")
     if side.exists():
         side.unlink()
-    weight_bytes = sum(len(t.raw_data) for t in quantized.graph.initializer)  # ByteSize() fails past 2 GiB
-    onnx.save_model(quantized, str(path), save_as_external_data=weight_bytes > _EXTERNAL_DATA_BYTES,
+    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)  # ByteSize() fails past 2 GiB
+    onnx.save_model(model, str(path), save_as_external_data=weight_bytes > _EXTERNAL_DATA_BYTES,
                     all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=1024)

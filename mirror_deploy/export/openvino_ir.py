@@ -12,22 +12,22 @@ from ..runtimes.openvino import port_name, reshape_static
 WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
 
 
-def compress(model: ov.Model, weights: str) -> ov.Model:
+def compress(model: ov.Model, weights: str, flag: str = "--draft-weights") -> ov.Model:
     if weights in ("fp32", "fp16"):
         return model
     try:
         import nncf
     except ImportError:
-        raise MirrorDeployError(f"--draft-weights {weights} needs NNCF, which is not installed",
-                                "pip install 'mirror-deploy[compress]' (nncf), or use --draft-weights fp32") from None
+        raise MirrorDeployError(f"{flag} {weights} needs NNCF, which is not installed",
+                                f"pip install 'mirror-deploy[compress]' (nncf), or use {flag} fp32") from None
     if weights == "int8":
         return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
-    # int4 everywhere: the draft's numerics change speed only, never the committed output.
+    # int4 everywhere (ratio 1.0), as the ONNX Runtime target's MatMulNBits int4 and optimum-cli's --sym int4.
     try:
         return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=128, ratio=1.0)
     except nncf.errors.InvalidGroupSizeError:
-        raise MirrorDeployError("--draft-weights int4 quantizes in groups of 128 input channels, and this draft "
-                                "has layers narrower than that", "use --draft-weights int8 (or fp16)") from None
+        raise MirrorDeployError(f"{flag} int4 quantizes in groups of 128 input channels, and this model "
+                                "has layers narrower than that", f"use {flag} int8 (or fp16)") from None
 
 
 def convert_draft(onnx_path: Path, xml_path: Path, weights: str,
@@ -37,6 +37,18 @@ def convert_draft(onnx_path: Path, xml_path: Path, weights: str,
         reshape_static(model, static_shapes)
     model = compress(model, weights)
     ov.save_model(model, str(xml_path), compress_to_fp16=(weights == "fp16"))
+    return xml_path
+
+
+def convert_target_graph(onnx_path: Path, weights: str) -> Path:
+    """A target graph for a profile whose target runs on OpenVINO: the ONNX graph as IR beside it, its weights
+    compressed by NNCF (int8/int4) or stored as fp16; the ONNX file is removed. Weight-only: the runtime
+    keeps activations in the profile's precision, so a window and a single step stay the same computation."""
+    xml_path = onnx_path.with_suffix(".xml")
+    model = compress(ov.convert_model(str(onnx_path)), weights, flag="--target-weights")
+    ov.save_model(model, str(xml_path), compress_to_fp16=(weights == "fp16"))
+    for f in (onnx_path, onnx_path.with_name(onnx_path.name + ".data")):
+        f.unlink(missing_ok=True)
     return xml_path
 
 

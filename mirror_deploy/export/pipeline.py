@@ -20,17 +20,18 @@ from ..errors import MirrorDeployError
 from ..targets import Profile, load_profile
 from .graphs import FullModel, StatefulDraft, TargetHead, TargetSegment
 from .loading import SourceModel, open_source
-from .onnx_export import export_graph, graph_files, quantize_matmuls, read_io
-from .openvino_ir import WEIGHT_FORMATS, convert_draft, convert_stateful_draft, ir_io
+from .onnx_export import convert_to_fp16, export_graph, graph_files, quantize_matmuls, read_io
+from .openvino_ir import WEIGHT_FORMATS, convert_draft, convert_stateful_draft, convert_target_graph, ir_io
 from ..axes import static_draft_dims
 from .shapes import draft_top_m, graph_io
 
 # Target weights: fp32, or weight-only int8/int4 through ORT MatMulNBits (accuracy_level 4). A quantized
 # target is a different model; every decoding mode still equals autoregressive decoding of the artifact.
-TARGET_WEIGHT_BITS = {"fp32": None, "int8": 8, "int4": 4}
+TARGET_WEIGHT_BITS = {"fp32": None, "fp16": None, "int8": 8, "int4": 4}
 # The early exit uses the target's own head ("shared"), or its own int8/int4 copy: it only ranks
 # branches, so a cheaper exit head changes speed, never the committed output.
 EXIT_HEAD_FORMATS = {"shared": None, "int8": 8, "int4": 4}
+WEIGHT_BITS = {**TARGET_WEIGHT_BITS, **EXIT_HEAD_FORMATS}
 
 
 def default_exit_layers(num_layers: int) -> list[int]:
@@ -169,18 +170,26 @@ def target_parts(target: SourceModel, model, boundaries: list[int], opts: Export
     return parts
 
 
-def _export_parts(parts: list[tuple], stage: Path, step, kappa: int) -> dict[str, GraphEntry]:
-    """Trace each part to ONNX, quantize its weights if asked, and describe it for the manifest."""
+def _export_parts(parts: list[tuple], stage: Path, step, kappa: int, openvino: bool = False) -> dict[str, GraphEntry]:
+    """Trace each part to ONNX, quantize its weights if asked (ORT MatMulNBits, or NNCF into OpenVINO IR
+    when `openvino`: the profile runs the target there), and describe it for the manifest."""
     graphs = {}
     for name, module, source, layers, weights in parts:
         what = f"layers {layers.start}..{layers.stop - 1}" if len(layers) else "final norm + LM head"
-        with step(f"exporting {name}.onnx ({what}, {weights})"):
+        suffix = "xml" if openvino else "onnx"
+        with step(f"exporting {name}.{suffix} ({what}, {weights})"):
             part = "draft" if name == "draft" else ("target_head" if "head" in name else "target_segment")
             inputs, outputs = graph_io(part, source.shape, layers, kappa)
             path = export_graph(module, inputs, outputs, source.shape, stage / f"{name}.onnx")
-            bits = TARGET_WEIGHT_BITS.get(weights) or EXIT_HEAD_FORMATS.get(weights)
+            if openvino:
+                path = convert_target_graph(path, weights)
+                graphs[name] = _graph_entry(stage, path, layers, "openvino", weights=weights)
+                continue
+            bits = WEIGHT_BITS[weights]
             if bits:
                 quantize_matmuls(path, bits)
+            elif weights == "fp16":
+                convert_to_fp16(path)
             graphs[name] = _graph_entry(stage, path, layers, weights=weights)
     return graphs
 
@@ -191,13 +200,16 @@ def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: 
     profile: Profile = load_profile(opts.profile)
     target, draft = open_source(target_path, "target"), open_source(draft_path, "draft")
     exit_layer, boundaries = validate(target, draft, opts, out)
-    if TARGET_WEIGHT_BITS[opts.target_weights]:
+    if TARGET_WEIGHT_BITS[opts.target_weights] and profile.target.backend == "onnxruntime":
         # Measured on the real pair: with activations quantized too (accuracy_level 4), a verify window
         # and an autoregressive step differ by more than fp32 noise, and SD/Mirror output can leave AR's
         # at a near-tie. Say so rather than claim exactness.
         console.print(f"[yellow]note:[/] --target-weights {opts.target_weights}: speculative output equals this "
                       "artifact's autoregressive output except where the two computations resolve a near-tie "
                       "differently (measured: not exact on the real pair); use fp32 where exactness matters")
+    if opts.target_weights == "fp16" and profile.target.backend == "onnxruntime" and profile.target.device == "cpu":
+        console.print("[yellow]note:[/] --target-weights fp16 is for GPUs: ONNX Runtime's CPU provider runs fp16 "
+                      "graphs through fp32 casts, slower than fp32 (fine for checks, not for speed)")
     n, nd = target.shape.num_layers, draft.shape.num_layers
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with staging_folder(out) as stage, Progress(*columns, console=console, transient=True) as progress:
@@ -215,7 +227,8 @@ def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: 
             target_tok = target.load_tokenizer()
             _same_tokenizer(target_tok, draft.load_tokenizer())
             target_model = target.load_model()
-        graphs = _export_parts(target_parts(target, target_model, boundaries, opts), stage, step, opts.kappa)
+        graphs = _export_parts(target_parts(target, target_model, boundaries, opts), stage, step, opts.kappa,
+                               openvino=profile.target.backend == "openvino")
         del target_model
         target.release()
         with step(f"loading draft {draft.path.name}"):
