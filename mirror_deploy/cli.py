@@ -70,7 +70,8 @@ def export(
     target_attention: Optional[str] = typer.Option(
         None, help="Target segments: fused (built from the weights: GroupQueryAttention with in-place K/V, "
         "packed QKV and gate/up; ONNX Runtime only, Llama/Qwen2/Qwen3/Mistral) or eager (the traced HF layers). "
-        "Default: fused where supported, else eager; profiles whose target runs on OpenVINO need eager."),
+        "Default: fused for an ONNX Runtime CPU target of those families, else eager; profiles whose target runs "
+        "on OpenVINO need eager."),
     force: bool = typer.Option(False, "--force", help="Replace DIR if it exists."),
 ):
     """Split the target into prefix/suffix graphs, export the draft, compile it, write the manifest."""

@@ -186,3 +186,13 @@ def test_export_choice_of_target_attention(fused_and_eager, tiny_pairs, tmp_path
     art = fused_and_eager["llama"][0]["fused"]
     with pytest.raises(MirrorDeployError, match="--target-attention eager"):
         open_target(art, read_manifest(art), ov)
+
+
+def test_large_fused_segments_go_to_a_side_file(tiny_pairs, tmp_path, monkeypatch):
+    """Real segments pass protobuf's 2 GiB: their weights go to `.onnx.data`, hashed and checked with the graph."""
+    import mirror_deploy.export.fused_target as fused_target
+    monkeypatch.setattr(fused_target, "_EXTERNAL_DATA_BYTES", 0)
+    art = export_artifact(*tiny_pairs["llama"], tmp_path / "art", ExportOptions(**OPTS), QUIET)
+    entry = read_manifest(art).graphs["target_seg1"]
+    assert (art / "target_seg1.onnx.data").is_file() and "target_seg1.onnx.data" in entry.sha256
+    assert check_artifact(art).ok
