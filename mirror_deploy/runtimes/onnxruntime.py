@@ -76,6 +76,7 @@ class OrtGraph:
         """An IOBinding with each `in_place` buffer (input name -> (output name, array)) bound as that input
         AND that output, so the graph writes into it (GQA's past/present). Other outputs: ORT allocates."""
         binding = self.session.io_binding()
+        binding.kept_alive = []   # arrays ORT may read by pointer: they must outlive the binding's runs
         for name in self.input_names:
             if name in in_place:
                 out, buf = in_place[name]
@@ -84,7 +85,8 @@ class OrtGraph:
                 binding.bind_input(name, "cpu", 0, buf.dtype.type, list(buf.shape), buf.ctypes.data)
                 binding.bind_output(out, "cpu", 0, buf.dtype.type, list(buf.shape), buf.ctypes.data)
             else:
-                binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))
+                binding.kept_alive.append(np.ascontiguousarray(feeds[name]))
+                binding.bind_cpu_input(name, binding.kept_alive[-1])
         bound = {out for out, _ in in_place.values()}
         for name in self.output_names:
             if name not in bound:
