@@ -8,7 +8,8 @@ from pathlib import Path
 
 from .errors import MirrorDeployError
 
-SCHEMA_VERSION = 2   # 2: the target as layer segments + one head; exit layer chosen per run
+SCHEMA_VERSION = 3   # 2: the target as layer segments + one head; 3: target_attention (fused | eager)
+READABLE_SCHEMAS = (2, 3)   # a version-2 manifest is an eager (traced) target
 MANIFEST = "manifest.json"
 
 
@@ -47,6 +48,7 @@ class Manifest:
     graphs: dict[str, GraphEntry]
     tokenizer: str | None = "tokenizer"
     tuning: dict | None = None       # {"file": "tuning.json", "sha256": ...} once `mirror-deploy tune` ran
+    target_attention: str = "eager"  # fused: GQA segments with in-place K/V; eager: traced HF layers
     schema_version: int = SCHEMA_VERSION
     created_by: str = field(default="mirror-deploy")
 
@@ -85,9 +87,9 @@ def read_manifest(folder: Path) -> Manifest:
     except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as err:
         raise MirrorDeployError(f"{path} is damaged or was edited by hand ({err})",
                                 "re-export the artifact with `mirror-deploy export ... --force`") from None
-    if manifest.schema_version != SCHEMA_VERSION:
+    if manifest.schema_version not in READABLE_SCHEMAS:
         raise MirrorDeployError(f"{path} has schema version {manifest.schema_version}, this mirror-deploy "
-                                f"reads version {SCHEMA_VERSION}", "re-export the artifact")
+                                f"reads versions {', '.join(map(str, READABLE_SCHEMAS))}", "re-export the artifact")
     return manifest
 
 

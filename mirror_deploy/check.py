@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 from rich.console import Console
 from rich.table import Table
 
@@ -107,6 +108,7 @@ def check_artifact(folder, profile: str | None = None, skip_parity: bool = False
         report.add("hash", MANIFEST, False, f"graph entries do not validate ({type(err).__name__}: {err})")
         return report
     _check_tuning(folder, manifest, report)
+    _check_fused_target(folder, manifest, intact, report)
     if problems:
         return report  # graphs described by a manifest that disagrees with itself are not worth loading
     graphs = _load_graphs(folder, manifest, prof, intact, report)
@@ -142,6 +144,9 @@ def _manifest_problems(m: Manifest) -> list[str]:
         out.append(f"gamma {m.gamma} and branch_batch {m.branch_batch} must be ≥ 1")
     if m.draft.get("vocab_size") != vocab:
         out.append(f"target vocab {vocab} differs from draft vocab {m.draft.get('vocab_size')}")
+    fused = [g for g in m.target_segments() if any(s["name"] == "seqlens_k" for s in m.graphs[g].inputs)]
+    if fused != (m.target_segments() if m.target_attention == "fused" else []):
+        out.append(f"target_attention is {m.target_attention!r} but the fused segments are {fused or 'none'}")
     cuts = [0, *sorted(m.exit_layers), n]
     implied = [[a, b] for a, b in zip(cuts, cuts[1:])]
     tiled = [m.graphs[g].layers for g in m.target_segments()]
@@ -180,6 +185,28 @@ def _check_files(folder: Path, m: Manifest, report: CheckReport) -> set[str]:
             "" if same_io else f"; but manifest.json's inputs/outputs for {name} differ from {entry.file}"))
         intact.add(name)
     return intact
+
+
+def _check_fused_target(folder: Path, m: Manifest, intact: set[str], report: CheckReport) -> None:
+    """A fused target is fast because each layer is one GroupQueryAttention node over in-place K/V with
+    packed projections (4 weight MatMuls a layer); count them in the files, so a builder that silently
+    emitted something else is caught."""
+    if m.target_attention != "fused":
+        return
+    names = m.target_segments()
+    if not all(n in intact for n in names):
+        report.skip("fused attention", "target", "not counted: a segment file is damaged (see hash)")
+        return
+    ops: dict[str, int] = {}
+    for name in names:
+        for node in onnx.load(str(folder / m.graphs[name].file), load_external_data=False).graph.node:
+            ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    layers = m.target["num_layers"]
+    gqa, matmuls = ops.get("GroupQueryAttention", 0), ops.get("MatMul", 0) + ops.get("MatMulNBits", 0)
+    report.add("fused attention", "target", gqa == layers and matmuls == 4 * layers,
+               f"{gqa} of {layers} layers run GroupQueryAttention (in-place K/V); {matmuls} weight MatMuls "
+               f"(4 a layer: packed QKV, o, packed gate/up, down)",
+               fix="re-export the artifact (--target-attention fused), or report the regression")
 
 
 def _check_tuning(folder: Path, m: Manifest, report: CheckReport) -> None:

@@ -68,12 +68,18 @@ def export(
                                        "profile runs the target on OpenVINO; fp16 is for GPUs."),
     exit_head_weights: str = typer.Option("shared", help="Early-exit head: shared (the target's own) or a "
                                           "cheaper int8|int4 copy (it only ranks branches: speed, never output)."),
+    target_attention: Optional[str] = typer.Option(
+        None, help="Target segments: fused (built from the weights: GroupQueryAttention with in-place K/V, "
+        "packed QKV and gate/up; ONNX Runtime only, Llama/Qwen2/Qwen3/Mistral) or eager (the traced HF layers). "
+        "Default: fused for an ONNX Runtime CPU target of those families, else eager; profiles whose target runs "
+        "on OpenVINO need eager."),
     force: bool = typer.Option(False, "--force", help="Replace DIR if it exists."),
 ):
     """Split the target into prefix/suffix graphs, export the draft, compile it, write the manifest."""
     from .export.pipeline import ExportOptions, export_artifact
     opts = ExportOptions(exit_layer, _int_list(exit_layers, "--exit-layers"), kappa, gamma, max_context,
-                         branch_batch, profile, draft_weights, force, exit_head_weights, target_weights)
+                         branch_batch, profile, draft_weights, force, exit_head_weights, target_weights,
+                         target_attention)
     path = export_artifact(target, draft, out, opts, err)
     err.print(f"[green]wrote[/] {path}")
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
+from mirror_deploy.artifact import read_manifest
 from mirror_deploy.decoding.config import GenerationConfig as G
 from mirror_deploy.decoding.engine import Engine
 from mirror_deploy.errors import MirrorDeployError
@@ -260,11 +261,11 @@ def test_failing_target_does_not_hang_the_draft(tiny_artifacts, monkeypatch):
     last = engine.target.graphs.segments[-1]     # a suffix segment: it runs while the draft works
     real = last.run
 
-    def flaky(feeds):
+    def flaky(feeds, **kwargs):
         calls["n"] += 1
         if calls["n"] > 3:
             raise RuntimeError("GPU fell over")
-        return real(feeds)
+        return real(feeds, **kwargs)
     monkeypatch.setattr(last, "run", flaky)
     box = _run_with_deadline(lambda: engine.generate("Hello world", G(max_new_tokens=40, stop_at_eos=False)))
     assert "target suffix" in str(box.get("error")) and "GPU fell over" in str(box["error"])
@@ -343,14 +344,16 @@ def _divergence_is_within_noise(engine, prompt_ids, expected, got) -> bool:
     return top2[1] - top2[0] <= 2 * noise and got[at] in np.argsort(steps[-1])[-2:]
 
 
-@pytest.mark.parametrize("weights", ["int8", "int4"])
-def test_quantized_target_decodes_every_mode_like_its_own_ar(agreeing_pair, tmp_path, weights):
+@pytest.mark.parametrize("weights,attention", [("int8", "fused"), ("int4", "fused"), ("int8", "eager")])
+def test_quantized_target_decodes_every_mode_like_its_own_ar(agreeing_pair, tmp_path, weights, attention):
     """A quantized target is a different model: every mode must equal autoregressive decoding of the same
-    artifact, at every exported exit layer (up to measured near-ties, see NEAR_TIE)."""
+    artifact, at every exported exit layer (up to measured near-ties, see NEAR_TIE). Fused segments get
+    their packed MatMuls quantized like the traced ones."""
     import onnx
     art = export_artifact(*agreeing_pair, tmp_path / weights,
-                          ExportOptions(kappa=4, gamma=4, max_context=256, branch_batch=4, target_weights=weights),
-                          QUIET)
+                          ExportOptions(kappa=4, gamma=4, max_context=256, branch_batch=4, target_weights=weights,
+                                        target_attention=attention), QUIET)
+    assert read_manifest(art).target_attention == attention
     for name in ("target_seg0", "target_seg3", "target_head"):
         graph = onnx.load(str(art / f"{name}.onnx")).graph
         weights_ = {i.name for i in graph.initializer}

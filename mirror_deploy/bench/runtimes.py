@@ -25,7 +25,7 @@ from ..artifact import read_manifest
 from ..export.pipeline import ExportOptions, export_artifact
 from ..decoding.drive import DraftDriver, TargetDriver
 from ..runtimes.base import only_known
-from ..runtimes.kv import COMMITTED, causal_mask
+from ..runtimes.kv import COMMITTED
 from ..runtimes.loader import open_draft, open_target
 from ..runtimes.onnxruntime import OrtGraph
 from ..runtimes.openvino import OvGraph
@@ -108,23 +108,31 @@ def _loops(folder: Path, prefill: int = 64) -> dict[str, tuple]:
         draft.call(window, chain)
         draft.rollback()
 
-    common = {"input_ids": window[None], "position_ids": np.arange(prefill, prefill + WINDOW)[None],
-              "attention_mask": causal_mask(prefill, WINDOW, prefill), "output_rows": np.arange(WINDOW)}
-    # The raw target step: every segment's session, then the head's, on prebuilt feeds.
+    common = {**target.window_feeds(prefill, WINDOW), "output_rows": np.arange(WINDOW)}
+    # The raw target step: every segment's session, then the head's, on prebuilt feeds (fused segments:
+    # on a prebuilt IOBinding over their in-place K/V buffers).
     raw_calls, hidden = [], window[None]
     for i, graph in enumerate(graphs.segments):
-        feeds = only_known({**common, "input_ids": hidden, "hidden_states": hidden, **target.kv[i].past_feeds(False)},
-                           graph.input_names)
-        hidden = graph.session.run(None, feeds)[0]
-        raw_calls.append((graph.session, feeds))
-    raw_calls.append((graphs.head.session, {"hidden_states": hidden}))
+        kv = target.kv[i]
+        feeds = {**common, "input_ids": hidden, "hidden_states": hidden}
+        if kv.in_place:
+            binding = graph.bind(feeds, kv.bound)
+            graph.session.run_with_iobinding(binding)
+            hidden = binding.get_outputs()[-1].numpy()          # hidden_out, bound last
+            raw_calls.append(lambda session=graph.session, binding=binding: session.run_with_iobinding(binding))
+        else:
+            feeds = only_known({**feeds, **kv.past_feeds(False)}, graph.input_names)
+            hidden = graph.session.run(None, feeds)[0]
+            raw_calls.append(lambda session=graph.session, feeds=feeds: session.run(None, feeds))
+    head_feeds = {"hidden_states": hidden}
+    raw_calls.append(lambda session=graphs.head.session: session.run(None, head_feeds))
     draft_feeds = only_known(draft.cache.call_feeds(window, chain, range(prefill, prefill + WINDOW))[0],
                              draft.graph.input_names)
     request = draft.graph.request
 
     def raw_target():
-        for session, feeds in raw_calls:
-            session.run(None, feeds)
+        for call in raw_calls:
+            call()
 
     def raw_draft():
         request.start_async(draft_feeds, share_inputs=True)

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..artifact import Manifest
 from ..errors import MirrorDeployError
-from ..runtimes.kv import KVCache, causal_mask
+from ..runtimes.kv import InPlaceKV, KVCache
 from ..runtimes.loader import TargetGraphs
 
 @dataclass
@@ -42,7 +42,10 @@ class TargetRunner:
                  pipeline_prefill: bool = False):
         t = manifest.target
         self.graphs = graphs
-        self.kv = [KVCache(range(a, b), manifest.max_context, t["kv_heads"], t["head_dim"]) for a, b in graphs.layers]
+        # Fused segments (GroupQueryAttention) append K/V in place; traced ones return new rows to copy in.
+        self.kv_kind = InPlaceKV if "seqlens_k" in graphs.segments[0].input_names else KVCache
+        self.kv = [self.kv_kind(range(a, b), manifest.max_context, t["kv_heads"], t["head_dim"])
+                   for a, b in graphs.layers]
         self.capacity = manifest.max_context
         self.prefill_chunk = prefill_chunk
         self.exit_layers = [a for a, _ in graphs.layers[1:]]
@@ -79,14 +82,14 @@ class TargetRunner:
             cache.used = 0
 
     def window_feeds(self, start: int, seq: int) -> dict:
-        return {"position_ids": np.arange(start, start + seq, dtype=np.int64)[None],
-                "attention_mask": causal_mask(start, seq, max(start, 1))}
+        return self.kv_kind.window_feeds(start, seq, self.capacity)
 
     def run_segments(self, first: int, stop: int, hidden: np.ndarray, feeds: dict, outputs: dict) -> np.ndarray:
-        """Segments [first, stop) over one window; their new K/V go into `outputs` by segment index."""
+        """Segments [first, stop) over one window; their outputs go into `outputs` by segment index (new
+        K/V for traced segments; fused ones have already written theirs in place)."""
         for i in range(first, stop):
             key = "input_ids" if i == 0 else "hidden_states"
-            out = self.graphs.segments[i].run({key: hidden, **feeds, **self.kv[i].past_feeds(False)})
+            out = self.kv[i].run(self.graphs.segments[i], {key: hidden, **feeds})
             outputs[i] = out
             hidden = out["hidden_out"]
         return hidden

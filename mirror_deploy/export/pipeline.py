@@ -18,6 +18,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from ..artifact import GraphEntry, Manifest, sha256_file
 from ..errors import MirrorDeployError
 from ..targets import Profile, load_profile
+from .fused_target import build_fused_segment, fused_unsupported
 from .graphs import FullModel, StatefulDraft, TargetHead, TargetSegment
 from .loading import SourceModel, open_source
 from .onnx_export import convert_to_fp16, export_graph, graph_files, quantize_matmuls, read_io
@@ -32,6 +33,9 @@ TARGET_WEIGHT_BITS = {"fp32": None, "fp16": None, "int8": 8, "int4": 4}
 # branches, so a cheaper exit head changes speed, never the committed output.
 EXIT_HEAD_FORMATS = {"shared": None, "int8": 8, "int4": 4}
 WEIGHT_BITS = {**TARGET_WEIGHT_BITS, **EXIT_HEAD_FORMATS}
+# Target segments: "fused" are built from the weights (GroupQueryAttention, in-place K/V; ONNX Runtime
+# only), "eager" are the traced HF layers (any architecture, any runtime; kept for A/B and OpenVINO).
+TARGET_ATTENTION = ("fused", "eager")
 
 
 def default_exit_layers(num_layers: int) -> list[int]:
@@ -54,6 +58,25 @@ class ExportOptions:
     force: bool = False
     exit_head_weights: str = "shared"  # int8/int4: a cheaper copy of the head for the early exit
     target_weights: str = "fp32"
+    target_attention: str | None = None  # fused | eager; None: fused where supported, else eager
+
+
+def target_attention(target: SourceModel, profile: Profile, opts: ExportOptions) -> str:
+    """fused or eager for this target and profile; an explicit fused that cannot be built is an error."""
+    asked = opts.target_attention
+    if asked not in (None, *TARGET_ATTENTION):
+        raise MirrorDeployError(f"--target-attention {asked!r} is unknown", f"use one of: {', '.join(TARGET_ATTENTION)}")
+    why = fused_unsupported(target.config, opts.max_context)
+    if profile.target.backend != "onnxruntime":
+        why = f"profile {profile.name} runs the target on {profile.target.backend} (fused graphs use ONNX Runtime ops)"
+    if opts.target_weights == "fp16":  # fp32 I/O around fp16 compute: casts would copy the K/V buffer
+        why = "--target-weights fp16 keeps fp32 inputs and outputs, so its K/V cannot be bound in place"
+    if asked == "fused" and why:
+        raise MirrorDeployError(f"--target-attention fused is not available: {why}",
+                                "use --target-attention eager (or leave it unset)")
+    # The in-place K/V binding is host memory: measured on ORT CPU only, so other ORT devices get fused
+    # only when asked for (and `check` compares them with PyTorch like any other).
+    return asked or ("eager" if why or profile.target.device.lower() != "cpu" else "fused")
 
 
 def validate(target: SourceModel, draft: SourceModel, opts: ExportOptions, out: Path) -> tuple[int, list[int]]:
@@ -156,12 +179,30 @@ def export_stateful_draft(stage: Path, draft: SourceModel, model, weights: str) 
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def target_parts(target: SourceModel, model, boundaries: list[int], opts: ExportOptions) -> list[tuple]:
+@dataclass
+class FusedSegment:
+    """A target segment written node by node from the weights (fused_target.py), not traced."""
+    source: SourceModel
+    model: object
+    layers: range
+    capacity: int
+
+    def build(self, path: Path) -> Path:
+        return build_fused_segment(self.model, self.source.arch, self.source.shape, self.layers, self.capacity, path)
+
+
+def target_parts(target: SourceModel, model, boundaries: list[int], opts: ExportOptions,
+                 attention: str = "eager") -> list[tuple]:
     """(name, module, source, layers, weights) of every target graph: a segment between consecutive exit
-    layers, the head, and the optional cheaper exit head."""
+    layers (fused or traced), the head, and the optional cheaper exit head."""
     n = target.shape.num_layers
     cuts = [0, *boundaries, n]
-    parts = [(f"target_seg{i}", TargetSegment(target.arch, model, a, b), target, range(a, b), opts.target_weights)
+
+    def segment(a, b):
+        if attention == "fused":
+            return FusedSegment(target, model, range(a, b), opts.max_context)
+        return TargetSegment(target.arch, model, a, b)
+    parts = [(f"target_seg{i}", segment(a, b), target, range(a, b), opts.target_weights)
              for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
     parts.append(("target_head", TargetHead(target.arch, model, opts.kappa), target, range(n, n), opts.target_weights))
     if EXIT_HEAD_FORMATS[opts.exit_head_weights]:
@@ -176,11 +217,15 @@ def _export_parts(parts: list[tuple], stage: Path, step, kappa: int, openvino: b
     graphs = {}
     for name, module, source, layers, weights in parts:
         what = f"layers {layers.start}..{layers.stop - 1}" if len(layers) else "final norm + LM head"
+        how = ", fused" if isinstance(module, FusedSegment) else ""
         suffix = "xml" if openvino else "onnx"
-        with step(f"exporting {name}.{suffix} ({what}, {weights})"):
-            part = "draft" if name == "draft" else ("target_head" if "head" in name else "target_segment")
-            inputs, outputs = graph_io(part, source.shape, layers, kappa)
-            path = export_graph(module, inputs, outputs, source.shape, stage / f"{name}.onnx")
+        with step(f"exporting {name}.{suffix} ({what}, {weights}{how})"):
+            if isinstance(module, FusedSegment):
+                path = module.build(stage / f"{name}.onnx")
+            else:
+                part = "draft" if name == "draft" else ("target_head" if "head" in name else "target_segment")
+                inputs, outputs = graph_io(part, source.shape, layers, kappa)
+                path = export_graph(module, inputs, outputs, source.shape, stage / f"{name}.onnx")
             if openvino:
                 path = convert_target_graph(path, weights)
                 graphs[name] = _graph_entry(stage, path, layers, "openvino", weights=weights)
@@ -200,6 +245,7 @@ def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: 
     profile: Profile = load_profile(opts.profile)
     target, draft = open_source(target_path, "target"), open_source(draft_path, "draft")
     exit_layer, boundaries = validate(target, draft, opts, out)
+    attention = target_attention(target, profile, opts)
     if TARGET_WEIGHT_BITS[opts.target_weights] and profile.target.backend == "onnxruntime":
         # Measured on the real pair: with activations quantized too (accuracy_level 4), a verify window
         # and an autoregressive step differ by more than fp32 noise, and SD/Mirror output can leave AR's
@@ -227,8 +273,8 @@ def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: 
             target_tok = target.load_tokenizer()
             _same_tokenizer(target_tok, draft.load_tokenizer())
             target_model = target.load_model()
-        graphs = _export_parts(target_parts(target, target_model, boundaries, opts), stage, step, opts.kappa,
-                               openvino=profile.target.backend == "openvino")
+        graphs = _export_parts(target_parts(target, target_model, boundaries, opts, attention), stage, step,
+                               opts.kappa, openvino=profile.target.backend == "openvino")
         del target_model
         target.release()
         with step(f"loading draft {draft.path.name}"):
@@ -253,6 +299,7 @@ def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: 
                 target=target.describe(), draft=draft.describe(), exit_layer=exit_layer,
                 exit_layers=boundaries, target_weights=opts.target_weights, kappa=opts.kappa,
                 gamma=opts.gamma, max_context=opts.max_context, branch_batch=opts.branch_batch,
-                profile=profile.to_dict(), graphs=graphs, tokenizer="tokenizer" if target_tok is not None else None)
+                profile=profile.to_dict(), graphs=graphs, tokenizer="tokenizer" if target_tok is not None else None,
+                target_attention=attention)
             manifest.save(stage)
     return out

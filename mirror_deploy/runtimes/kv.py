@@ -1,8 +1,10 @@
 """Position-indexed KV state (gpt-fast style): preallocated buffers of the compiled capacity.
 
-A graph reads a contiguous slice `buffer[:, :used]` (or the whole buffer when its shape is static) and
-returns K/V for its new positions only; committing copies just those rows in, and rolling back is a
-length change. The draft's slot tree lives in `draft_cache.py`.
+Two kinds for the target, chosen by the graphs' inputs. `KVCache` (traced graphs): a graph reads a
+contiguous slice `buffer[:, :used]` (or the whole buffer when its shape is static) and returns K/V for its
+new positions only; committing copies just those rows in. `InPlaceKV` (fused graphs): head-major buffers
+bound as both past and present, so the graph appends in place and committing copies nothing. Either way
+rolling back is a length change. The draft's slot tree lives in `draft_cache.py`.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ def capacity_error(what: str, need: int, capacity: int) -> MirrorDeployError:
 
 class KVCache:
     """K/V buffers `[1, capacity, kv_heads, head_dim]` for one graph's layers."""
+    in_place = False
 
     def __init__(self, layers: range, capacity: int, kv_heads: int, head_dim: int):
         self.capacity = capacity
@@ -44,6 +47,51 @@ class KVCache:
             raise capacity_error("decoding", at + count, self.capacity)
         for past, new in self.names:
             self.buffers[past][:, at:at + count] = outputs[new][:, rows]
+
+    @staticmethod
+    def window_feeds(start: int, seq: int, capacity: int) -> dict[str, np.ndarray]:
+        """Feeds every segment of a window at positions [start, start + seq) shares."""
+        return {"position_ids": np.arange(start, start + seq, dtype=np.int64)[None],
+                "attention_mask": causal_mask(start, seq, max(start, 1))}
+
+    def run(self, graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return graph.run({**feeds, **self.past_feeds(False)})
+
+
+class InPlaceKV:
+    """Head-major K/V buffers `[1, kv_heads, capacity, head_dim]` for one fused graph's layers, bound as
+    both past_key.i and present_key.i: GroupQueryAttention appends the window's K/V at slots
+    [start, start + seq) of the same memory. Only a linear window's prefix can be kept (rows 0..keep-1),
+    which is all the target ever commits; rolling back is a smaller `used`."""
+    in_place = True
+
+    def __init__(self, layers: range, capacity: int, kv_heads: int, head_dim: int):
+        self.capacity = capacity
+        self.buffers = {f"past_{p}.{i}": np.zeros((1, kv_heads, capacity, head_dim), np.float32)
+                        for i in layers for p in ("key", "value")}
+        self.bound = {past: (past.replace("past_", "present_"), buf) for past, buf in self.buffers.items()}
+        self.used = 0
+
+    def write(self, outputs: dict[str, np.ndarray], at: int, rows) -> None:
+        """The window's K/V are already in place; keeping its first rows is only a length check."""
+        if not (isinstance(rows, slice) and rows.start in (0, None) and rows.step in (1, None)):
+            raise ValueError(f"in-place K/V keeps a prefix of the window, not rows {rows}")
+        if at + rows.stop > self.capacity:
+            raise capacity_error("decoding", at + rows.stop, self.capacity)
+
+    @staticmethod
+    def window_feeds(start: int, seq: int, capacity: int) -> dict[str, np.ndarray]:
+        """GQA's feeds: seqlens_k is total - 1 and total_sequence_length the positions after the window
+        (measured on ORT 1.31). Its own causal mask is the window's mask. Refused before any call when
+        the window would run past the buffers (GQA would otherwise allocate a new present)."""
+        if start + seq > capacity:
+            raise capacity_error("decoding", start + seq, capacity)
+        return {"position_ids": np.arange(start, start + seq, dtype=np.int64)[None],
+                "seqlens_k": np.array([start + seq - 1], np.int32),
+                "total_sequence_length": np.array(start + seq, np.int32)}
+
+    def run(self, graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return graph.run(feeds, in_place=self.bound)
 
 
 def causal_mask(committed: int, seq: int, past_len: int) -> np.ndarray:

@@ -37,6 +37,9 @@ def open_graph(folder: Path, manifest: Manifest, name: str, part: PartProfile, l
             raise MirrorDeployError(f"{name} is {entry.format}, ONNX Runtime needs ONNX", "use the .onnx graph")
         from .onnxruntime import OrtGraph
         return OrtGraph(path, logical, part.device, threads or 0)
+    if any(spec["name"] == "seqlens_k" for spec in entry.inputs):
+        raise MirrorDeployError(f"{name} is a fused ONNX Runtime segment (GroupQueryAttention), which "
+                                f"{part.backend} cannot run", "re-export with --target-attention eager for this profile")
     from .openvino import OvGraph
     dims = None
     if entry.static:

@@ -60,8 +60,44 @@ class OrtGraph:
         self.output_names = tuple(o.name for o in self.session.get_outputs())
         self.timer = CallTimer()
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], in_place: dict | None = None) -> dict[str, np.ndarray]:
+        """One call. `in_place` (input name -> (output name, buffer)): buffers bound as that input and
+        that output through IOBinding, which the graph updates in place (fused K/V); the returned dict
+        then holds only the other outputs."""
         start = time.perf_counter()
-        outputs = self.session.run(None, only_known(feeds, self.input_names))
+        if in_place:
+            result = self._run_bound(feeds, in_place)
+        else:
+            result = dict(zip(self.output_names, self.session.run(None, only_known(feeds, self.input_names))))
         self.timer.record(start)
-        return dict(zip(self.output_names, outputs))
+        return result
+
+    def bind(self, feeds: dict[str, np.ndarray], in_place: dict[str, tuple[str, np.ndarray]]) -> ort.IOBinding:
+        """An IOBinding with each `in_place` buffer (input name -> (output name, array)) bound as that input
+        AND that output, so the graph writes into it (GQA's past/present). Other outputs: ORT allocates."""
+        binding = self.session.io_binding()
+        binding.kept_alive = []   # arrays ORT may read by pointer: they must outlive the binding's runs
+        for name in self.input_names:
+            if name in in_place:
+                out, buf = in_place[name]
+                if not buf.flags.c_contiguous:
+                    raise ValueError(f"{self.name}: in-place buffer {name} must be contiguous")
+                binding.bind_input(name, "cpu", 0, buf.dtype.type, list(buf.shape), buf.ctypes.data)
+                binding.bind_output(out, "cpu", 0, buf.dtype.type, list(buf.shape), buf.ctypes.data)
+            else:
+                binding.kept_alive.append(np.ascontiguousarray(feeds[name]))
+                binding.bind_cpu_input(name, binding.kept_alive[-1])
+        bound = {out for out, _ in in_place.values()}
+        for name in self.output_names:
+            if name not in bound:
+                binding.bind_output(name, "cpu")
+        return binding
+
+    def _run_bound(self, feeds: dict[str, np.ndarray], in_place: dict[str, tuple[str, np.ndarray]]) -> dict:
+        binding = self.bind(feeds, in_place)
+        self.session.run_with_iobinding(binding)
+        bound = {out for out, _ in in_place.values()}
+        names = [n for n in self.output_names if n not in bound]
+        # ORT returns outputs in binding order: the unbound ones were bound last, in output order.
+        values = binding.get_outputs()[-len(names):] if names else []
+        return {n: v.numpy() for n, v in zip(names, values)}

@@ -1,0 +1,192 @@
+"""The target's layer segments as fused ONNX Runtime graphs, built directly from the HF weights.
+
+Written node by node with onnx.helper and numpy, the way onnxruntime-genai's model builder does, instead
+of tracing the HF layers: each layer is (Skip)SimplifiedLayerNormalization, ONE packed QKV MatMul,
+`com.microsoft::GroupQueryAttention` (rotary inside, from cos/sin caches the model's own rotary module
+computes, so rope scaling matches), o_proj, ONE packed gate/up MatMul, SiLU·up, down_proj.
+
+K/V are head-major `[1, kv, capacity, hd]`: the runtime binds one preallocated buffer per layer as both
+past_key.i and present_key.i, so GQA appends the window's K/V in place (no transpose, no copy), and a
+rollback is a smaller `seqlens_k`. GQA's own causal mask is the target's window mask (the target only
+verifies linear windows), so no mask input is needed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from ..axes import SEQ
+from .shapes import TensorSpec, kv_names
+
+FUSED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+KV_CAPACITY = "capacity"       # axis name of the bound K/V buffers (the artifact's max_context)
+_EXTERNAL_DATA_BYTES = 1 << 30  # protobuf cannot hold 2 GiB; above this the weights go to a side file
+_UNSCALED_ROPE = ("dynamic", "longrope")  # cos/sin depend on the sequence length: not a fixed cache
+
+
+def fused_unsupported(config, max_context: int) -> str | None:
+    """Why this target cannot get fused segments (None when it can)."""
+    if config.model_type not in FUSED_MODEL_TYPES:
+        return f"model type {config.model_type!r} has no fused builder (only {', '.join(FUSED_MODEL_TYPES)})"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"hidden_act {config.hidden_act!r} (the fused MLP is SiLU-gated)"
+    rope = (getattr(config, "rope_scaling", None) or {})
+    if rope.get("rope_type", rope.get("type")) in _UNSCALED_ROPE:
+        return f"rope type {rope.get('rope_type', rope.get('type'))!r} varies with the sequence length"
+    window = getattr(config, "sliding_window", None)
+    sliding = "sliding_attention" in (getattr(config, "layer_types", None) or []) or (
+        config.model_type == "mistral" and window is not None)
+    if sliding and window is not None and window < max_context:
+        return f"sliding-window attention ({window}) inside the {max_context}-position capacity"
+    return None
+
+
+def fused_segment_io(shape, layers: range) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Inputs and outputs of a fused segment: the K/V buffers come in as past and go out as present
+    (the same memory, bound by the runtime)."""
+    kv = (1, shape.kv_heads, KV_CAPACITY, shape.head_dim)
+    first = (TensorSpec("input_ids", "int64", (1, SEQ)) if layers.start == 0
+             else TensorSpec("hidden_states", "float32", (1, SEQ, shape.hidden_size)))
+    inputs = [first, TensorSpec("position_ids", "int64", (1, SEQ)),
+              TensorSpec("seqlens_k", "int32", (1,)), TensorSpec("total_sequence_length", "int32", ()),
+              *(TensorSpec(n, "float32", kv) for n in kv_names("past", layers))]
+    outputs = [TensorSpec("hidden_out", "float32", (1, SEQ, shape.hidden_size)),
+               *(TensorSpec(n, "float32", kv) for n in kv_names("present", layers))]
+    return inputs, outputs
+
+
+class _Graph:
+    """Nodes and initializers being written; every node gets a unique name (the quantizer excludes by name)."""
+
+    def __init__(self):
+        self.nodes, self.weights = [], []
+
+    def weight(self, name: str, array) -> str:
+        if isinstance(array, torch.Tensor):
+            array = array.detach().to(torch.float32).numpy()
+        self.weights.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], name: str, outputs: int | list[str] = 1,
+             domain: str = "", **attrs) -> list[str]:
+        outs = outputs if isinstance(outputs, list) else [f"{name}/out{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain or None, **attrs))
+        return outs
+
+    def one(self, op: str, inputs: list[str], name: str, **attrs) -> str:
+        return self.node(op, inputs, name, **attrs)[0]
+
+
+def _linear(g: _Graph, x: str, modules: list, name: str) -> str:
+    """x @ [W_1; W_2; ...]ᵀ (+ bias): one MatMul for several projections that read the same input."""
+    weight = torch.cat([m.weight for m in modules]).T
+    y = g.one("MatMul", [x, g.weight(f"{name}.weight", weight)], f"{name}/MatMul")
+    if all(m.bias is not None for m in modules):
+        y = g.one("Add", [y, g.weight(f"{name}.bias", torch.cat([m.bias for m in modules]))], f"{name}/Add")
+    elif any(m.bias is not None for m in modules):
+        raise ValueError(f"{name}: some packed projections have a bias and some do not")
+    return y
+
+
+def _norm_eps(norm) -> float:
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+
+def _head_norm(g: _Graph, x: str, norm, heads: int, hd: int, name: str) -> str:
+    """Qwen3's per-head RMSNorm of q or k, before the rotary embedding GQA applies."""
+    split = g.one("Reshape", [x, g.weight(f"{name}.shape", np.array([0, 0, heads, hd], np.int64))], f"{name}/Split")
+    normed = g.one("SimplifiedLayerNormalization", [split, g.weight(f"{name}.weight", norm.weight)], name,
+                   axis=-1, epsilon=_norm_eps(norm), stash_type=1)
+    return g.one("Reshape", [normed, g.weight(f"{name}.flat", np.array([0, 0, heads * hd], np.int64))],
+                 f"{name}/Merge")
+
+
+def _attention(g: _Graph, x: str, attn, i: int, shape, rotary: tuple[str, str]) -> str:
+    h, kv, hd = shape.num_heads, shape.kv_heads, shape.head_dim
+    name = f"layers.{i}.attn"
+    qkv = _linear(g, x, [attn.q_proj, attn.k_proj, attn.v_proj], f"{name}.qkv_proj")
+    if hasattr(attn, "q_norm"):   # qwen3: q/k are normed per head, so the packed input is split first
+        q, k, v = g.node("Split", [qkv, g.weight(f"{name}.split", np.array([h * hd, kv * hd, kv * hd], np.int64))],
+                         f"{name}/SplitQKV", 3, axis=-1)
+        q_k_v = [_head_norm(g, q, attn.q_norm, h, hd, f"{name}.q_norm"),
+                 _head_norm(g, k, attn.k_norm, kv, hd, f"{name}.k_norm"), v]
+    else:
+        q_k_v = [qkv, "", ""]   # packed QKV straight into GQA
+    past = [f"past_key.{i}", f"past_value.{i}"]
+    out = g.node("GroupQueryAttention",
+                 [*q_k_v, *past, "seqlens_k", "total_sequence_length", *rotary, "position_ids"],
+                 f"{name}/GroupQueryAttention", [f"{name}/attn_out", f"present_key.{i}", f"present_value.{i}"],
+                 domain="com.microsoft", num_heads=h, kv_num_heads=kv, do_rotary=1,
+                 scale=float(getattr(attn, "scaling", hd ** -0.5)))[0]
+    return _linear(g, out, [attn.o_proj], f"{name}.o_proj")
+
+
+def _mlp(g: _Graph, x: str, mlp, i: int) -> str:
+    name = f"layers.{i}.mlp"
+    gate_up = _linear(g, x, [mlp.gate_proj, mlp.up_proj], f"{name}.gate_up_proj")
+    gate, up = g.node("Split", [gate_up], f"{name}/SplitGateUp", 2, axis=-1)
+    silu = g.one("Mul", [gate, g.one("Sigmoid", [gate], f"{name}/Sigmoid")], f"{name}/SiLU")
+    return _linear(g, g.one("Mul", [silu, up], f"{name}/Mul"), [mlp.down_proj], f"{name}.down_proj")
+
+
+def _rotary_caches(g: _Graph, model, arch, capacity: int) -> tuple[str, str]:
+    """cos/sin `[capacity, hd/2]` from the model's own rotary module (inv_freq, rope scaling and its
+    attention scaling included), so the fused rotary is the HF one."""
+    positions = torch.arange(capacity)[None]
+    with torch.no_grad():
+        cos, sin = arch.position_embeddings(model, torch.zeros(1, dtype=torch.float32), positions)
+    half = cos.shape[-1] // 2
+    return g.weight("cos_cache", cos[0, :, :half]), g.weight("sin_cache", sin[0, :, :half])
+
+
+def _decoder_layers(g: _Graph, hidden: str, model, arch, layers: range, shape, rotary) -> str:
+    """Pre-norm layers with the residual carried by SkipSimplifiedLayerNormalization's sum output."""
+    residual, pending = hidden, None   # pending: the last sublayer's output, not yet added to residual
+    for i in layers:
+        layer = arch.layers_of(model)[i]
+        for norm, block in ((layer.input_layernorm, "attn"), (layer.post_attention_layernorm, "mlp")):
+            name, w = f"layers.{i}.{block}_norm", None
+            w = g.weight(f"{name}.weight", norm.weight)
+            if pending is None:
+                x = g.one("SimplifiedLayerNormalization", [residual, w], name, axis=-1,
+                          epsilon=_norm_eps(norm), stash_type=1)
+            else:
+                x, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [pending, residual, w], name,
+                                           [f"{name}/out", "", "", f"{name}/sum"], domain="com.microsoft",
+                                           epsilon=_norm_eps(norm))
+            pending = (_attention(g, x, layer.self_attn, i, shape, rotary) if block == "attn"
+                       else _mlp(g, x, layer.mlp, i))
+    return g.one("Add", [pending, residual], "hidden_out/Add")
+
+
+def _value_info(spec: TensorSpec):
+    dtype = helper.np_dtype_to_tensor_dtype(np.dtype(spec.dtype))
+    return helper.make_tensor_value_info(spec.name, dtype, list(spec.shape))
+
+
+def build_fused_segment(model, arch, shape, layers: range, capacity: int, path: Path) -> Path:
+    """Write layers [start, stop) of the target as one fused ONNX graph at `path`."""
+    inputs, outputs = fused_segment_io(shape, layers)
+    g = _Graph()
+    if layers.start == 0:
+        embed = arch.decoder_of(model).get_submodule(arch.embed).weight
+        hidden = g.one("Gather", [g.weight("embed_tokens.weight", embed), "input_ids"], "embed_tokens/Gather")
+    else:
+        hidden = "hidden_states"
+    rotary = _rotary_caches(g, model, arch, capacity)
+    out = _decoder_layers(g, hidden, model, arch, layers, shape, rotary)
+    g.nodes.append(helper.make_node("Identity", [out], ["hidden_out"], name="hidden_out/Identity"))
+    graph = helper.make_graph(g.nodes, f"target_layers_{layers.start}_{layers.stop}",
+                              [_value_info(s) for s in inputs], [_value_info(s) for s in outputs], g.weights)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)],
+                              producer_name="mirror-deploy fused target")
+    proto.ir_version = 8
+    size = sum(len(t.raw_data) for t in g.weights)
+    onnx.save_model(proto, str(path), save_as_external_data=size > _EXTERNAL_DATA_BYTES,
+                    all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=1024)
+    return path
