@@ -161,7 +161,8 @@ def run(
     if trace is not None:
         trace.write_text("".join(line + "\n" for line in result.metrics.trace_lines()))
     if json_out:
-        record = {"text": result.text, "tokens": result.tokens, "config": vars(cfg), "metrics": result.summary}
+        config = {**vars(cfg), "mode": result.summary["mode"]}   # the mode it ran, tuned or named
+        record = {"text": result.text, "tokens": result.tokens, "config": config, "metrics": result.summary}
         typer.echo(json.dumps(record))
     if stats:
         print_stats({result.summary["mode"]: result.summary})
