@@ -52,6 +52,7 @@ def _profile_text(**target) -> str:
     ({"threads": True}, "target.threads = True is not a thread count"),
     ({"threads": 1, "spinning": "no"}, "target.spinning = 'no' is not true or false"),
     ({"threads": 1, "prefix_threads": 2}, "prefix_threads is no longer supported"),
+    ({"threads": 1, "pinning": True}, "target.pinning applies to the openvino backend only"),
 ])
 def test_bad_thread_values_are_refused(tiny_artifacts, tmp_path, target, phrase):
     path = tmp_path / "mine.toml"

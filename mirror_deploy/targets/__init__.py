@@ -46,6 +46,9 @@ class PartProfile:
             value = getattr(self, key)
             if not (isinstance(value, bool) or (value is None and key in ("spinning", "pinning"))):
                 out.append(f"{role}.{key} = {value!r} is not true or false")
+        for key, backend in (("spinning", "onnxruntime"), ("pinning", "openvino")):
+            if getattr(self, key) is not None and self.backend != backend:   # else it would be ignored
+                out.append(f"{role}.{key} applies to the {backend} backend only, this part is {self.backend}")
         return out
 
 
