@@ -180,6 +180,9 @@ def bench(
                               "mode `tune` measured fastest on this profile."),
     peers: str = typer.Option("", help="Peers, comma-separated: hf-target, hf-assisted[@K], "
                               "ov-genai-{target,sd}@{1t,2t}, ort-genai-{target,sd}@{1t,2t}."),
+    interleave_peers: bool = typer.Option(False, "--interleave-peers", help="Load the peers up front and "
+                                          "interleave them with our modes prompt by prompt (robust to load "
+                                          "from other work; holds every peer's models at once: mind the RAM)."),
     max_prompt_tokens: Optional[int] = typer.Option(None, help="Skip prompts longer than this (prefill time)."),
     branch_budget: Optional[int] = typer.Option(None),
     gamma: Optional[int] = typer.Option(None),
@@ -225,6 +228,9 @@ def bench(
         err.print(f"[yellow]note:[/] passed over {skipped} prompt(s) longer than {room} tokens "
                   f"(--max-prompt-tokens, or the artifact's --max-context {m.max_context} minus generation room)")
     settings = runner.BenchSettings(max_new_tokens, repeats, temperature)
+    if interleave_peers:
+        methods += [factory() for _, factory in peer_factories]
+        peer_factories = []
     try:
         records = runner.run(methods, prompts, settings, out, err, peer_factories)
     finally:
