@@ -123,3 +123,24 @@ def test_tune_cli_takes_a_profile(tiny_artifacts, tmp_path):
     assert result.exit_code == 0, result.output
     assert "now runs on profile cpu (was cpu-sim)" in " ".join(result.output.split())
     assert json.loads((folder / "tuning.json").read_text())["profile"] == "cpu"
+
+
+def _bench_order(folder, tmp_path, *flags) -> list[tuple[int, str]]:
+    questions = tmp_path / "question.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": i, "category": "qa", "turns": [f"say {i}"]}) + "\n"
+                                 for i in range(2)))
+    out = tmp_path / f"out{len(flags)}"
+    result = CliRunner().invoke(cli.app, ["bench", str(folder), "--per-task", "2", "--max-new-tokens", "4", "--modes",
+                                          "ar", "--peers", "hf-target", "--specbench", str(questions), "--out",
+                                          str(out), *flags], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert all(r["tokens"] == records[0]["tokens"] for r in records if r["question_id"] == 0)   # same greedy text
+    return [(r["question_id"], r["method"]) for r in records]
+
+
+def test_bench_interleaves_peers_only_when_asked(tiny_artifacts, tmp_path):
+    folder = tiny_artifacts["qwen2"]
+    assert _bench_order(folder, tmp_path) == [(0, "ar"), (1, "ar"), (0, "hf-target"), (1, "hf-target")]
+    assert _bench_order(folder, tmp_path, "--interleave-peers") == [(0, "ar"), (0, "hf-target"), (1, "ar"),
+                                                                     (1, "hf-target")]
