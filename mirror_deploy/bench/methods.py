@@ -33,15 +33,18 @@ class Method(Protocol):
 
 
 class EngineMethod:
-    """One of our modes (ar, sd, mirror-serial, mirror) on an opened Engine."""
+    """One of our modes (ar, sd, mirror-serial, mirror, or best: the tuned best mode) on an opened Engine."""
 
     MODES = {"ar": ("ar", "serial"), "sd": ("sd", "serial"),
-             "mirror-serial": ("mirror", "serial"), "mirror": ("mirror", "overlapped")}
+             "mirror-serial": ("mirror", "serial"), "mirror": ("mirror", "overlapped"), "best": (None, "overlapped")}
 
     def __init__(self, engine, name: str, **overrides):
         """`overrides`: GenerationConfig fields to pin (branch_budget, gamma, exit_layer, kappa); None = default."""
         self.engine, self.name = engine, name
         self.mode, self.schedule = self.MODES[name]
+        if self.mode is None:   # resolved once, and named in the tables (e.g. best=sd)
+            self.mode = engine.default_mode()[0]
+            self.name = f"best={self.mode}"
         self.overrides = {k: v for k, v in overrides.items() if v is not None}
 
     def generate(self, prompt_ids, max_new_tokens, temperature=0.0, seed=0) -> MethodRun:

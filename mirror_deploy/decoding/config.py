@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from ..errors import MirrorDeployError
 
 MODES = ("mirror", "sd", "ar")
+DEFAULT_MODE = "mirror"   # an untuned artifact's mode when none is named
 SCHEDULES = ("overlapped", "serial")
 RULES = ("rejection", "match")
 
@@ -17,7 +18,7 @@ class GenerationConfig:
     top_k: int = 0                    # 0 = off
     top_p: float = 1.0
     seed: int = 0
-    mode: str = "mirror"
+    mode: str | None = None           # None: the artifact's tuned best mode on this profile, else mirror
     schedule: str = "overlapped"      # mirror only: overlapped (two devices at once) or serial (ablation)
     verify_rule: str = "rejection"    # sampling only: rejection (uses draft q) or match (paper's operator)
     branch_budget: int | None = None  # mirror: branches the draft rolls out per step (None = artifact's batch)
@@ -34,7 +35,8 @@ class GenerationConfig:
 
     def validate(self) -> "GenerationConfig":
         checks = [
-            (self.mode in MODES, f"mode {self.mode!r} is unknown", f"use one of: {', '.join(MODES)}"),
+            (self.mode is None or self.mode in MODES, f"mode {self.mode!r} is unknown",
+             f"use one of: {', '.join(MODES)} (or leave it unset for the tuned best mode)"),
             (self.schedule in SCHEDULES, f"schedule {self.schedule!r} is unknown", f"use {' or '.join(SCHEDULES)}"),
             (self.verify_rule in RULES, f"verify rule {self.verify_rule!r} is unknown", f"use {' or '.join(RULES)}"),
             (self.max_new_tokens >= 1, "max_new_tokens must be at least 1", "ask for 1 or more tokens"),

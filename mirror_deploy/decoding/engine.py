@@ -11,7 +11,7 @@ from ..errors import MirrorDeployError
 from ..runtimes.kv import capacity_error
 from ..runtimes.loader import open_draft, open_target
 from ..targets import Profile, load_profile
-from .config import GenerationConfig
+from .config import DEFAULT_MODE, GenerationConfig
 from .draft import DraftRunner
 from .loops import autoregressive, speculative
 from .metrics import RunMetrics
@@ -94,9 +94,22 @@ class Engine:
             raise capacity_error(f"a {prompt_len}-token prompt + {cfg.max_new_tokens} new tokens", need,
                                  self.manifest.max_context)
 
+    def default_mode(self) -> tuple[str, str]:
+        """(mode, why) for a run that names none: `tune`'s best mode when it was tuned on this profile."""
+        from ..tuning.store import tuned_best_mode
+        best = tuned_best_mode(self.tuning, self.profile.name)
+        if best is not None:
+            return best, f"tuned best on {self.profile.name}"
+        if self.tuning:
+            return DEFAULT_MODE, f"default (tuned on {self.tuning.get('profile')}, not {self.profile.name})"
+        return DEFAULT_MODE, "default (not tuned)"
+
     def with_tuned_defaults(self, cfg: GenerationConfig) -> GenerationConfig:
-        """Fill the fields `cfg` leaves None with the tuned choice for its mode (explicit values win)."""
+        """Fill the fields `cfg` leaves None with the tuned choice (the mode first, then its settings);
+        explicit values win."""
         from ..tuning.store import tuned_defaults
+        if cfg.mode is None:
+            cfg = replace(cfg, mode=self.default_mode()[0])
         tuned = tuned_defaults(self.tuning, cfg.mode, self.profile.name)
         filled = {k: v for k, v in tuned.items() if getattr(cfg, k, 0) is None}
         return replace(cfg, **filled) if filled else cfg
@@ -108,6 +121,7 @@ class Engine:
         ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise MirrorDeployError("the prompt is empty", "give at least one token of prompt")
+        mode_source = "named" if cfg.mode is not None else self.default_mode()[1]
         cfg = self.with_tuned_defaults(cfg)
         gamma, budget = self._window_and_budget(cfg)
         if budget > self.manifest.branch_batch and self.draft.static_seq:
@@ -126,7 +140,7 @@ class Engine:
             self.draft.reset()
             tokens, metrics = speculative(self.target, self.draft, ids, cfg, gamma, budget, self.eos, emit)
         text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else None
-        return GenerationResult(tokens, text, metrics, metrics.summary())
+        return GenerationResult(tokens, text, metrics, {**metrics.summary(), "mode_source": mode_source})
 
 
 def encode_chat(tokenizer, messages: list[dict]) -> list[int]:

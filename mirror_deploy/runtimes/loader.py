@@ -31,12 +31,12 @@ class TargetGraphs:
 def open_graph(folder: Path, manifest: Manifest, name: str, part: PartProfile, logical: str) -> CompiledGraph:
     entry = manifest.graphs[name]
     path = Path(folder) / entry.file
-    threads = part.threads_for(logical)
+    threads = part.threads
     if part.backend == "onnxruntime":
         if entry.format != "onnx":
             raise MirrorDeployError(f"{name} is {entry.format}, ONNX Runtime needs ONNX", "use the .onnx graph")
         from .onnxruntime import OrtGraph
-        return OrtGraph(path, logical, part.device, threads or 0)
+        return OrtGraph(path, logical, part.device, threads or 0, part.spinning)
     if any(spec["name"] == "seqlens_k" for spec in entry.inputs):
         raise MirrorDeployError(f"{name} is a fused ONNX Runtime segment (GroupQueryAttention), which "
                                 f"{part.backend} cannot run", "re-export with --target-attention eager for this profile")
@@ -45,7 +45,7 @@ def open_graph(folder: Path, manifest: Manifest, name: str, part: PartProfile, l
     if entry.static:
         dims = static_draft_dims(manifest.branch_batch, manifest.max_context)
     return OvGraph(path, logical, part.device, threads, part.precision,
-                   static_shapes=None, static_dims=dims, cache_dir=compile_cache_dir(),
+                   static_shapes=None, static_dims=dims, cache_dir=compile_cache_dir(), pinning=part.pinning,
                    int8_activations=logical == "draft" and entry.weights in ("int8", "int4"))
 
 

@@ -39,14 +39,17 @@ def require_provider(device: str) -> str:
 
 
 class OrtGraph:
-    def __init__(self, path: Path, name: str, device: str = "cpu", threads: int = 1):
+    def __init__(self, path: Path, name: str, device: str = "cpu", threads: int = 1, spinning: bool | None = None):
         provider = require_provider(device)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads == 1:  # spinning threads would steal the other device's core
+        # Idle workers spinning for work steal the core another runtime (or the draft, next) needs:
+        # off for one thread unless asked; with all cores, the profile decides (None: ORT's default, on).
+        spin = threads != 1 if spinning is None else spinning
+        if not spin:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)

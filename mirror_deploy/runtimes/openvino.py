@@ -36,7 +36,7 @@ def require_device(device: str) -> str:
 
 
 def compile_config(device: str, threads: int | None, precision: str | None,
-                   cache_dir: Path | None, int8_activations: bool = False) -> dict:
+                   cache_dir: Path | None, int8_activations: bool = False, pinning: bool | None = None) -> dict:
     config: dict = {}
     if device == "CPU":
         # Activations quantized to int8 (groups of 32) in front of int4/int8 weights: about 2x on a
@@ -49,7 +49,8 @@ def compile_config(device: str, threads: int | None, precision: str | None,
         config["NUM_STREAMS"] = "1"
         if threads:
             config["INFERENCE_NUM_THREADS"] = str(threads)
-            config["ENABLE_CPU_PINNING"] = "NO"  # pinned OpenVINO threads serialise with ORT's
+        if threads or pinning is not None:   # pinned OpenVINO threads serialise with ORT's
+            config["ENABLE_CPU_PINNING"] = "YES" if pinning else "NO"
     elif precision:
         config["INFERENCE_PRECISION_HINT"] = precision
     if cache_dir is not None:
@@ -84,13 +85,13 @@ class OvGraph:
     def __init__(self, path: Path, name: str, device: str = "CPU", threads: int | None = 1,
                  precision: str | None = None, static_shapes: dict[str, list[int]] | None = None,
                  static_dims: dict[str, int] | None = None, cache_dir: Path | None = None,
-                 int8_activations: bool = False):
+                 int8_activations: bool = False, pinning: bool | None = None):
         device = require_device(device)
         model = core().read_model(str(path))
         if static_shapes:
             reshape_static(model, static_shapes)
         self.compiled = core().compile_model(model, device, compile_config(device, threads, precision, cache_dir,
-                                                                               int8_activations))
+                                                                               int8_activations, pinning))
         self.request = self.compiled.create_infer_request()
         self.name = name
         self.device = device

@@ -20,8 +20,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_options(mode: str, port: int, max_queue: int) -> None:
-    if mode not in MODES:
+def check_options(mode: str | None, port: int, max_queue: int) -> None:
+    if mode is not None and mode not in MODES:
         raise MirrorDeployError(f"mode {mode!r} is unknown", f"use one of: {', '.join(MODES)}")
     if not 0 <= port <= 65535:
         raise MirrorDeployError(f"port {port} is out of range", "use a port in 1-65535 (0 picks a free one)")
@@ -29,7 +29,7 @@ def check_options(mode: str, port: int, max_queue: int) -> None:
         raise MirrorDeployError("--max-queue must be at least 1", "use e.g. 16")
 
 
-def serve(folder: Path, host: str = "127.0.0.1", port: int = 8000, mode: str = "mirror", profile: str | None = None,
+def serve(folder: Path, host: str = "127.0.0.1", port: int = 8000, mode: str | None = None, profile: str | None = None,
           max_queue: int = 16, model_name: str | None = None, log_level: str = "info", console=None) -> None:
     """Load the engine, then serve until Ctrl-C (which drains the requests in flight and those queued)."""
     import uvicorn
@@ -39,6 +39,7 @@ def serve(folder: Path, host: str = "127.0.0.1", port: int = 8000, mode: str = "
 
     check_options(mode, port, max_queue)
     engine = Engine(folder, profile)
+    mode = mode or engine.default_mode()[0]   # the tuned best mode, resolved once for every request
     name = model_name or Path(folder).resolve().name
     app = create_app(engine, name, max_queue, mode)
     if console is not None:

@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..artifact import MANIFEST, Manifest, read_manifest, sha256_file
+from ..decoding.config import MODES
 from ..errors import MirrorDeployError
 
 TUNING_FILE = "tuning.json"
@@ -43,11 +44,15 @@ def _write_temp(path: Path, text: str) -> Path:
     return temp
 
 
-def write_tuning(folder: Path, data: dict) -> Path:
+def write_tuning(folder: Path, data: dict, profile: dict | None = None) -> Path:
     """Write tuning.json and point the manifest at it; both files are complete before either is
-    replaced, and the replacements are renames, so an interruption leaves the artifact as it was."""
+    replaced, and the replacements are renames, so an interruption leaves the artifact as it was.
+    `profile` (the one it was tuned on) becomes the artifact's profile, so a run that names none uses
+    the profile its tuning is for."""
     folder = Path(folder)
     manifest = read_manifest(folder)
+    if profile is not None:
+        manifest.profile = profile
     text = json.dumps(data, indent=2)
     temps = [_write_temp(folder / TUNING_FILE, text)]
     try:
@@ -99,11 +104,20 @@ def tuning_problems(m: Manifest, data: dict) -> list[str]:
         for mode, gamma in (("mirror", mirror["gamma"]), ("sd", sd["gamma"])):
             if not (isinstance(gamma, int) and 1 <= gamma <= m.gamma):
                 out.append(f"{mode} γ {gamma} is outside 1..{m.gamma}")
+        if data["choice"].get("best_mode") not in (None, *MODES):
+            out.append(f"best mode {data['choice']['best_mode']!r} is not one of {', '.join(MODES)}")
         if not 0 <= mirror["branch_budget"] <= m.branch_batch:
             out.append(f"branch budget {mirror['branch_budget']} is outside 0..{m.branch_batch}")
         return out
     except (KeyError, TypeError) as err:
         return [f"a field is missing or has the wrong type ({type(err).__name__}: {err})"]
+
+
+def tuned_best_mode(tuning: dict | None, profile_name: str) -> str | None:
+    """The mode `tune` measured fastest, when it was tuned on this profile."""
+    if not tuning or tuning.get("profile") != profile_name:
+        return None
+    return tuning["choice"].get("best_mode")
 
 
 def tuned_defaults(tuning: dict | None, mode: str, profile_name: str) -> dict:

@@ -46,6 +46,7 @@ class TuneOptions:
     rounds: int = 5                   # interleaved rounds per cost-curve item (medians)
     measure_prompts: int = 3          # calibration prompts the final check runs every mode on (0: skip)
     probe_tokens: int = 12            # tokens of the probe run that measures Python time per step
+    profile: str | None = None        # tune on this profile (it becomes the artifact's); None: the artifact's
 
     def validate(self) -> "TuneOptions":
         for ok, problem, fix in [(self.new_tokens >= 2, "--new-tokens must be at least 2", "use e.g. 32"),
@@ -138,7 +139,7 @@ def _progress(console: Console) -> Progress:
 def tune_artifact(folder: Path, opts: TuneOptions, console: Console | None = None) -> dict:
     console = console or Console(stderr=True)
     opts.validate()
-    engine = Engine(folder)          # the artifact's own profile: absent devices are refused here
+    engine = Engine(folder, opts.profile)   # absent devices are refused here, before any work
     try:
         return _tune(engine, Path(folder), opts, console)
     finally:
@@ -172,7 +173,7 @@ def _tune(engine: Engine, folder: Path, opts: TuneOptions, console: Console) -> 
         measured = measure_modes(engine, checked, mirror, sd_gamma, lambda: progress.advance(task)) if checked else {}
     data = _record(engine, opts, source, prompts_sha, chat, sequences, curves, overhead, grid, mirror, sd_gamma,
                    checked, measured)
-    write_tuning(folder, data)
+    write_tuning(folder, data, engine.profile.to_dict())
     return data
 
 
