@@ -62,14 +62,33 @@ def fused_segment_io(shape, layers: range) -> tuple[list[TensorSpec], list[Tenso
 class _Graph:
     """Nodes and initializers being written; every node gets a unique name (the quantizer excludes by name)."""
 
-    def __init__(self):
+    def __init__(self, side_file: Path | None = None):
         self.nodes, self.weights = [], []
+        # Large segments stream each weight to the side file as it is made, so the process never holds
+        # the segment a second time as protobuf bytes (the export's peak memory).
+        self.side_file = side_file
+        self.sink = open(side_file, "wb") if side_file else None
 
     def weight(self, name: str, array) -> str:
         if isinstance(array, torch.Tensor):
             array = array.detach().to(torch.float32).numpy()
-        self.weights.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.ascontiguousarray(array)
+        if self.sink is None or array.nbytes < 1024:
+            self.weights.append(numpy_helper.from_array(array, name))
+            return name
+        self.sink.seek(-self.sink.tell() % 4096, 1)        # page-aligned, so runtimes can map it
+        offset = self.sink.tell()
+        self.sink.write(memoryview(array).cast("B"))
+        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+                             dims=array.shape, data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", self.side_file.name), ("offset", offset), ("length", array.nbytes)):
+            tensor.external_data.add(key=key, value=str(value))
+        self.weights.append(tensor)
         return name
+
+    def close(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
 
     def node(self, op: str, inputs: list[str], name: str, outputs: int | list[str] = 1,
              domain: str = "", **attrs) -> list[str]:
@@ -171,22 +190,27 @@ def _value_info(spec: TensorSpec):
 def build_fused_segment(model, arch, shape, layers: range, capacity: int, path: Path) -> Path:
     """Write layers [start, stop) of the target as one fused ONNX graph at `path`."""
     inputs, outputs = fused_segment_io(shape, layers)
-    g = _Graph()
+    params = [p for layer in arch.layers_of(model)[layers.start:layers.stop] for p in layer.parameters()]
     if layers.start == 0:
-        embed = arch.decoder_of(model).get_submodule(arch.embed).weight
-        hidden = g.one("Gather", [g.weight("embed_tokens.weight", embed), "input_ids"], "embed_tokens/Gather")
-    else:
-        hidden = "hidden_states"
-    rotary = _rotary_caches(g, model, arch, capacity)
-    out = _decoder_layers(g, hidden, model, arch, layers, shape, rotary)
-    g.nodes.append(helper.make_node("Identity", [out], ["hidden_out"], name="hidden_out/Identity"))
-    graph = helper.make_graph(g.nodes, f"target_layers_{layers.start}_{layers.stop}",
-                              [_value_info(s) for s in inputs], [_value_info(s) for s in outputs], g.weights)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid("com.microsoft", 1)],
-                              producer_name="mirror-deploy fused target")
-    proto.ir_version = 8
-    size = sum(len(t.raw_data) for t in g.weights)
-    onnx.save_model(proto, str(path), save_as_external_data=size > _EXTERNAL_DATA_BYTES,
-                    all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=1024)
+        params.append(arch.decoder_of(model).get_submodule(arch.embed).weight)
+    external = sum(p.numel() for p in params) * 4 > _EXTERNAL_DATA_BYTES
+    g = _Graph(path.with_name(path.name + ".data") if external else None)
+    try:
+        if layers.start == 0:
+            embed = arch.decoder_of(model).get_submodule(arch.embed).weight
+            hidden = g.one("Gather", [g.weight("embed_tokens.weight", embed), "input_ids"], "embed_tokens/Gather")
+        else:
+            hidden = "hidden_states"
+        rotary = _rotary_caches(g, model, arch, capacity)
+        out = _decoder_layers(g, hidden, model, arch, layers, shape, rotary)
+        g.nodes.append(helper.make_node("Identity", [out], ["hidden_out"], name="hidden_out/Identity"))
+        graph = helper.make_graph(g.nodes, f"target_layers_{layers.start}_{layers.stop}",
+                                  [_value_info(s) for s in inputs], [_value_info(s) for s in outputs], g.weights)
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                        helper.make_opsetid("com.microsoft", 1)],
+                                  producer_name="mirror-deploy fused target")
+        proto.ir_version = 8
+    finally:
+        g.close()
+    onnx.save_model(proto, str(path))   # external tensors already sit in the side file
     return path
