@@ -26,8 +26,9 @@ from .openvino_ir import WEIGHT_FORMATS, convert_draft, convert_stateful_draft, 
 from ..axes import static_draft_dims
 from .shapes import draft_top_m, graph_io
 
-# Target weights: fp32, or weight-only int8/int4 through ORT MatMulNBits (accuracy_level 4). A quantized
-# target is a different model; every decoding mode still equals autoregressive decoding of the artifact.
+# Target weights: fp32; fp16 (for GPUs); weight-only int8/int4, as ORT MatMulNBits (accuracy_level 4) or, when
+# the profile runs the target on OpenVINO, as NNCF-compressed IR. A quantized target is a different model;
+# every decoding mode is compared with autoregressive decoding of the same artifact.
 TARGET_WEIGHT_BITS = {"fp32": None, "fp16": None, "int8": 8, "int4": 4}
 # The early exit uses the target's own head ("shared"), or its own int8/int4 copy: it only ranks
 # branches, so a cheaper exit head changes speed, never the committed output.

@@ -91,16 +91,15 @@ class OrtGraph:
                 binding.kept_alive.append(np.ascontiguousarray(feeds[name]))
                 binding.bind_cpu_input(name, binding.kept_alive[-1])
         bound = {out for out, _ in in_place.values()}
-        for name in self.output_names:
-            if name not in bound:
-                binding.bind_output(name, "cpu")
+        binding.unbound = [n for n in self.output_names if n not in bound]   # ORT allocates these, in order
+        for name in binding.unbound:
+            binding.bind_output(name, "cpu")
         return binding
 
     def _run_bound(self, feeds: dict[str, np.ndarray], in_place: dict[str, tuple[str, np.ndarray]]) -> dict:
         binding = self.bind(feeds, in_place)
         self.session.run_with_iobinding(binding)
-        bound = {out for out, _ in in_place.values()}
-        names = [n for n in self.output_names if n not in bound]
+        names = binding.unbound
         # ORT returns outputs in binding order: the unbound ones were bound last, in output order.
         values = binding.get_outputs()[-len(names):] if names else []
         return {n: v.numpy() for n, v in zip(names, values)}
