@@ -143,7 +143,9 @@ def run(
                                              "(default: the artifact's)."),
     kappa: Optional[int] = typer.Option(None, help="Early-exit top-κ (default: the artifact's κ, its most)."),
     adaptive_gamma: bool = typer.Option(True, "--adaptive-gamma/--fixed-gamma",
-                                        help="Adapt the window within [1, γ] from the run's acceptance."),
+                                        help="Size each window from the run's acceptance: on an artifact tuned for "
+                                        "this profile by its measured costs, down to autoregressive steps; "
+                                        "otherwise within [1, γ]."),
     profile: Optional[str] = typer.Option(None, help="Device profile (default: the artifact's)."),
     stats: bool = typer.Option(False, "--stats", help="Print the run's figures with units."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON record instead of streaming."),
@@ -183,7 +185,7 @@ def bench(
     max_new_tokens: int = typer.Option(64),
     temperature: float = typer.Option(0.0, help="0 = greedy (outputs are compared with ar)."),
     repeats: int = typer.Option(1, help="Runs of each method per prompt (medians)."),
-    modes: str = typer.Option("ar,sd,mirror-serial,mirror", help="Our modes, comma-separated; `best` is the "
+    modes: str = typer.Option("ar,sd,mirror-serial,mirror", help="Our modes, comma-separated (`mode:heuristic` for the heuristic window); `best` is the "
                               "mode `tune` measured fastest on this profile."),
     peers: str = typer.Option("", help="Peers, comma-separated: hf-target, hf-assisted[@K], "
                               "ov-genai-{target,sd}@{1t,2t}, ort-genai-{target,sd}@{1t,2t}."),
@@ -195,7 +197,9 @@ def bench(
     gamma: Optional[int] = typer.Option(None),
     exit_layer: Optional[int] = typer.Option(None, help="Early-exit layer (one the artifact exported)."),
     adaptive_gamma: bool = typer.Option(True, "--adaptive-gamma/--fixed-gamma",
-                                        help="Adapt the window within [1, γ] from the run's acceptance."),
+                                        help="Size each window from the run's acceptance: on an artifact tuned for "
+                                        "this profile by its measured costs, down to autoregressive steps; "
+                                        "otherwise within [1, γ]."),
     profile: Optional[str] = typer.Option(None),
     specbench: Optional[Path] = typer.Option(None, help="SpecBench question.jsonl (default ../shared/data)."),
     out: Path = typer.Option(Path("bench-results"), help="Folder for results.jsonl, summary.md/json, speedup.png."),
@@ -218,9 +222,11 @@ def bench(
         print_anatomy(measure(engine, context, rounds), engine, context, Console())
         return
     names = [m for m in modes.split(",") if m]
-    unknown = [m for m in names if m not in EngineMethod.MODES]
+    unknown = [m for m in names if not EngineMethod.known(m)]
     if unknown:
-        raise MirrorDeployError(f"unknown mode(s): {', '.join(unknown)}", f"use: {', '.join(EngineMethod.MODES)}")
+        raise MirrorDeployError(f"unknown mode(s): {', '.join(unknown)}",
+                                f"use: {', '.join(EngineMethod.MODES)}, optionally with a window policy "
+                                "(e.g. sd:heuristic)")
     methods = [EngineMethod(engine, m, branch_budget=branch_budget, gamma=gamma, exit_layer=exit_layer,
                             adaptive_gamma=adaptive_gamma) for m in names]
     peer_factories = []

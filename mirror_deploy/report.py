@@ -14,6 +14,8 @@ FIGURES = [  # key, label, unit, format
     ("prefill_s", "prefill (both devices)", "s", "{:.3f}"),
     ("mean_accepted_tokens", "mean accepted tokens", "tok/target fwd", "{:.2f}"),
     ("acceptance_histogram", "accepted-length histogram", "steps with A=0..γ", "{}"),
+    ("mean_window", "mean window", "draft tokens/step", "{:.2f}"),
+    ("autoregressive_steps", "autoregressive steps (policy)", "steps", "{}"),
     ("reuse_rate", "reuse rate", "", "{:.1%}"),
     ("fallback_frequency", "fallback frequency", "", "{:.1%}"),
     ("exit_hit_rate", "early-exit hit rate", "", "{:.1%}"),

@@ -74,13 +74,13 @@ def test_greedy_with_a_draft_that_never_agrees(tmp_path):
 
 
 def test_window_grows_back_when_the_draft_agrees(tmp_path):
-    from mirror_deploy.decoding.loops import WindowPolicy
-    policy = WindowPolicy(6, adaptive=True)
+    from mirror_deploy.decoding.policy import HeuristicWindow
+    policy = HeuristicWindow(6, 4, adaptive=True)
     lengths = []
     for accepted in (0, 0, 0, 0, 0, 9, 9, 9, 9):   # nothing accepted, then whole windows again
-        drafted = policy.length()
+        drafted = policy.plan(0).length
         policy.observe(min(accepted, drafted), drafted)
-        lengths.append(policy.length())
+        lengths.append(policy.plan(0).length)
     assert lengths == [5, 4, 3, 2, 1, 3, 5, 6, 6]
 
 

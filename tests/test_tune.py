@@ -85,8 +85,8 @@ def test_replay_matches_a_real_mirror_run(tiny_artifacts):
     # The last step may accept drafts past the requested length, which the replay cannot see.
     assert [s.accepted for s in real.metrics.steps][:-1] == steps.accepted.tolist()[:-1]
     ranks = needed_ranks([seq], steps, m.exit_layer, m.kappa, m.gamma)[:-1]
-    recorded = np.array([s.needed_rank for s in real.metrics.steps])[:-1]   # -1 past the run's budget
-    assert [r >= 0 for r in recorded] == [s.reused for s in real.metrics.steps][:-1]
+    recorded = np.array([s.needed_rank for s in real.metrics.steps])[:-1]   # in the whole ranking
+    assert [0 <= r < m.branch_batch for r in recorded] == [s.reused for s in real.metrics.steps][:-1]
     for budget in range(1, m.branch_batch + 1):
         covered = lambda r: (r >= 0) & (r < budget)
         assert (covered(ranks) == covered(recorded)).mean() >= 0.9, (budget, ranks, recorded)
@@ -105,13 +105,21 @@ def test_tuned_artifact_decodes_every_mode_equal_to_ar(tuned, tmp_path):
     for prompt in ["Hello world", "def f(n):", "x"]:
         expected = engine.generate(prompt, G(max_new_tokens=20, mode="ar", stop_at_eos=False)).tokens
         for mode, schedule in [("sd", "serial"), ("mirror", "serial"), ("mirror", "overlapped")]:
-            result = engine.generate(prompt, G(max_new_tokens=20, mode=mode, schedule=schedule, stop_at_eos=False))
-            assert result.tokens == expected, (prompt, mode, schedule)
-            tuned_gamma = 2 if mode == "mirror" else tuned[1]["choice"]["sd"]["gamma"]
-            assert result.metrics.gamma == tuned_gamma
-            if mode == "mirror":
-                assert max(s.branches for s in result.metrics.steps) <= 2     # budget 1 (+ the bonus guess)
-                assert engine.target.kappa == 2 and engine.target.exit_layers[engine.target.split - 1] == 3
+            for adaptive in (False, True):
+                result = engine.generate(prompt, G(max_new_tokens=20, mode=mode, schedule=schedule,
+                                                   adaptive_gamma=adaptive, stop_at_eos=False))
+                assert result.tokens == expected, (prompt, mode, schedule, adaptive)
+                tuned_gamma = 2 if mode == "mirror" else tuned[1]["choice"]["sd"]["gamma"]
+                windows = [s.window for s in result.metrics.steps]
+                branches = max(s.branches for s in result.metrics.steps)
+                assert result.metrics.gamma == tuned_gamma
+                assert branches <= (2 if mode == "mirror" else 0)   # budget 1 (+ the bonus guess)
+                if adaptive:   # the window policy sizes each window within the tuned values
+                    assert max(windows) <= tuned_gamma
+                else:          # held at them
+                    assert set(windows) == {tuned_gamma}
+                if mode == "mirror":
+                    assert engine.target.kappa == 2 and engine.target.exit_layers[engine.target.split - 1] == 3
     flagged = engine.generate("abc", G(max_new_tokens=8, mode="mirror", gamma=4, kappa=4, stop_at_eos=False))
     assert flagged.metrics.gamma == 4 and engine.target.kappa == 4                 # flags override
 

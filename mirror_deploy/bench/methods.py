@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..decoding.config import GenerationConfig
+from ..decoding.config import WINDOW_POLICIES, GenerationConfig
 
 
 @dataclass
@@ -38,10 +38,20 @@ class EngineMethod:
     MODES = {"ar": ("ar", "serial"), "sd": ("sd", "serial"),
              "mirror-serial": ("mirror", "serial"), "mirror": ("mirror", "overlapped"), "best": (None, "overlapped")}
 
+    POLICY_SEPARATOR = ":"   # `sd:heuristic` runs sd with that window policy (decoding/policy.py)
+
+    @classmethod
+    def known(cls, name: str) -> bool:
+        mode, _, policy = name.partition(cls.POLICY_SEPARATOR)
+        return mode in cls.MODES and (not policy or policy in WINDOW_POLICIES)
+
     def __init__(self, engine, name: str, **overrides):
         """`overrides`: GenerationConfig fields to pin (branch_budget, gamma, exit_layer, kappa); None = default."""
         self.engine, self.name = engine, name
-        self.mode, self.schedule = self.MODES[name]
+        base, _, policy = name.partition(self.POLICY_SEPARATOR)
+        self.mode, self.schedule = self.MODES[base]
+        if policy:
+            overrides["window_policy"] = policy
         if self.mode is None:   # resolved once, and named in the tables (e.g. best=sd)
             self.mode = engine.default_mode()[0]
             self.name = f"best={self.mode}"

@@ -9,6 +9,7 @@ MODES = ("mirror", "sd", "ar")
 DEFAULT_MODE = "mirror"   # an untuned artifact's mode when none is named
 SCHEDULES = ("overlapped", "serial")
 RULES = ("rejection", "match")
+WINDOW_POLICIES = ("auto", "heuristic")   # decoding/policy.py
 
 
 @dataclass
@@ -23,7 +24,9 @@ class GenerationConfig:
     verify_rule: str = "rejection"    # sampling only: rejection (uses draft q) or match (paper's operator)
     branch_budget: int | None = None  # mirror: branches the draft rolls out per step (None = artifact's batch)
     gamma: int | None = None          # window length, the most when adaptive (None = artifact's γ)
-    adaptive_gamma: bool = True       # shorten/lengthen the window within [1, γ] from the run's acceptance
+    adaptive_gamma: bool = True       # size each window from the run's acceptance (False: always γ)
+    window_policy: str = "auto"       # auto: by the tuned costs, down to autoregressive steps, when the
+                                      # artifact is tuned on this profile, else heuristic (within [1, γ])
     exit_layer: int | None = None     # mirror: early-exit layer, one the artifact exported (None = its default)
     kappa: int | None = None          # mirror: early-exit top-κ width (None = the artifact's κ, its most)
     learned_exit: bool = True         # mirror: use the artifact's learned exit at ℓe when it has one
@@ -38,6 +41,8 @@ class GenerationConfig:
             (self.mode is None or self.mode in MODES, f"mode {self.mode!r} is unknown",
              f"use one of: {', '.join(MODES)} (or leave it unset for the tuned best mode)"),
             (self.schedule in SCHEDULES, f"schedule {self.schedule!r} is unknown", f"use {' or '.join(SCHEDULES)}"),
+            (self.window_policy in WINDOW_POLICIES, f"window policy {self.window_policy!r} is unknown",
+             f"use {' or '.join(WINDOW_POLICIES)}"),
             (self.verify_rule in RULES, f"verify rule {self.verify_rule!r} is unknown", f"use {' or '.join(RULES)}"),
             (self.max_new_tokens >= 1, "max_new_tokens must be at least 1", "ask for 1 or more tokens"),
             (self.temperature >= 0, "temperature must be >= 0", "use 0 for greedy or e.g. 0.7"),

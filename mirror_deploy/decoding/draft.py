@@ -4,6 +4,8 @@ Invariant between steps: the committed context is x[0:n] with root = x[n-1]; the
 as committed slots and the window chain [root, y1..y(γ-1)] as speculative slots (`window_slots`). Slots
 never move except in a compaction, which happens only at the start of a rollout (`ensure_room`), where
 the window chain is the only slot list held outside the cache.
+While the run takes autoregressive steps (an empty window) the draft is idle: the cache holds x[0:m] and
+`pending` the committed x[m:n] (root included), all fed at once when a window is wanted again.
 """
 from __future__ import annotations
 
@@ -91,11 +93,13 @@ class DraftRunner:
         self.static_seq = graph.static_dims["seq"] if graph.static_dims else None
         self.prefill_chunk = self.static_seq or prefill_chunk
         self.window_slots: list[int] = []
+        self.pending: list[int] = []  # committed tokens not yet fed (autoregressive steps), root last
         self.busy = 0.0               # seconds inside draft calls since last read
 
     def reset(self) -> None:
         self.cache.reset()
         self.window_slots = []
+        self.pending = []
 
     def take_busy(self) -> float:
         busy, self.busy = self.busy, 0.0
@@ -111,14 +115,14 @@ class DraftRunner:
         n = len(tokens)
         return CallRows(out["logits"][0, :n], out["top_ids"][0, :n], out["top_probs"][0, :n])
 
-    def prefill(self, tokens: list[int]) -> None:
-        """Committed K/V for `tokens` (the prompt without its last token)."""
+    def prefill(self, tokens: list[int], start: int = 0) -> None:
+        """Committed K/V for `tokens` at positions start.. (the prompt without its last token)."""
         for i in range(0, len(tokens), self.prefill_chunk):
             chunk = tokens[i:i + self.prefill_chunk]
             self.cache.ensure_room(len(chunk))    # nothing speculative is held here
             first = self.cache.used
             self.call(chunk, [COMMITTED] + list(range(first, first + len(chunk) - 1)),
-                      list(range(i, i + len(chunk))))
+                      list(range(start + i, start + i + len(chunk))))
             self.cache.commit(list(range(first, first + len(chunk))))
 
     def rollout_fresh(self, root: int, root_pos: int, gamma: int, cfg: GenerationConfig, window_id: int,
@@ -201,8 +205,11 @@ class DraftRunner:
     def advance(self, accepted: int, correction: int, drafts: list[int], root_pos: int, length: int,
                 cfg: GenerationConfig, window_id: int, run: BranchRun | None) -> tuple[Window, bool]:
         """Commit root + accepted drafts and produce the next window of `length` tokens: the branch
-        (A+1, c) if it was rolled out that far (reuse), else a fresh rollout (fallback).
-        Returns (window, reused)."""
+        (A+1, c) if it was rolled out that far (reuse), else a fresh rollout (fallback); length 0
+        leaves the draft idle (an autoregressive step follows). Returns (window, reused)."""
+        if not drafts:                 # an autoregressive step: its root was never fed
+            self.pending.append(correction)
+            return (Window(), False) if length == 0 else (self._resume(root_pos + 1, length, cfg, window_id), False)
         path = self.window_slots[:accepted + 1]
         missing = []
         if accepted == len(drafts):
@@ -216,5 +223,15 @@ class DraftRunner:
             self.window_slots = list(branch.slots)
             return branch.window, True
         self.cache.keep_chain(path, n_commit=len(path))
+        if length == 0:
+            self.window_slots, self.pending = [], [*missing, correction]
+            return Window(), False
         window = self.rollout_fresh(correction, root_pos + accepted + 1, length, cfg, window_id, missing)
         return window, False
+
+    def _resume(self, root_pos: int, length: int, cfg: GenerationConfig, window_id: int) -> Window:
+        """Feed the tokens committed while idle, then roll out a window from the last of them."""
+        pending, self.pending = self.pending, []
+        split = max(0, len(pending) - self.prefill_chunk)   # the rollout's first call takes the rest
+        self.prefill(pending[:split], root_pos - len(pending) + 1)
+        return self.rollout_fresh(pending[-1], root_pos, length, cfg, window_id, pending[split:-1])

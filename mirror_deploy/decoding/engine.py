@@ -84,8 +84,9 @@ class Engine:
 
     def room(self, prompt_len: int, cfg: GenerationConfig) -> int:
         """The most new tokens a `prompt_len`-token prompt leaves room for (0 or less: none)."""
+        policy = self.run_policy(cfg)
         cfg = self.with_tuned_defaults(cfg)
-        return self.manifest.max_context - prompt_len - self._overhead(cfg, *self._window_and_budget(cfg))
+        return self.manifest.max_context - prompt_len - self._overhead(cfg, policy.gamma, policy.budget)
 
     def check_capacity(self, prompt_len: int, cfg: GenerationConfig, gamma: int, budget: int) -> None:
         """Refuse before any work what would overrun the compiled KV capacity."""
@@ -114,6 +115,21 @@ class Engine:
         filled = {k: v for k, v in tuned.items() if getattr(cfg, k, 0) is None}
         return replace(cfg, **filled) if filled else cfg
 
+    def run_policy(self, cfg: GenerationConfig):
+        """The window policy for a request (decoding/policy.py). Adaptive on an artifact tuned for this
+        profile: the cost-aware policy, within the tuned (or named) γ and budget, down to autoregressive
+        steps; otherwise the heuristic within [1, γ]."""
+        from .policy import CostAwareWindow, HeuristicWindow, TunedCosts
+        from ..tuning.store import tuned_for
+        cfg = self.with_tuned_defaults(cfg)
+        gamma, budget = self._window_and_budget(cfg)
+        if (cfg.mode == "ar" or not cfg.adaptive_gamma or cfg.window_policy == "heuristic"
+                or not tuned_for(self.tuning, self.profile.name)):
+            return HeuristicWindow(gamma, budget, cfg.adaptive_gamma)
+        exit_layer, kappa = cfg.exit_layer or self.manifest.exit_layer, cfg.kappa or self.manifest.kappa
+        costs = TunedCosts.from_tuning(self.tuning, exit_layer, kappa, gamma, budget)
+        return CostAwareWindow(cfg.mode, costs, gamma, budget, gamma, exit_layer, kappa)
+
     def generate(self, prompt: str | list[int], config: GenerationConfig | None = None, chat: bool = False,
                  on_tokens: Callable[[list[int]], bool | None] | None = None) -> GenerationResult:
         """`on_tokens(new_ids)` is called as tokens commit; returning True ends the run after that step."""
@@ -122,8 +138,9 @@ class Engine:
         if not ids:
             raise MirrorDeployError("the prompt is empty", "give at least one token of prompt")
         mode_source = "named" if cfg.mode is not None else self.default_mode()[1]
+        policy = self.run_policy(cfg)
         cfg = self.with_tuned_defaults(cfg)
-        gamma, budget = self._window_and_budget(cfg)
+        gamma, budget = policy.gamma, policy.budget     # the most this run may draft / roll out
         if budget > self.manifest.branch_batch and self.draft.static_seq:
             raise MirrorDeployError(f"branch budget {budget} exceeds the static draft's {self.manifest.branch_batch}",
                                     f"use at most {self.manifest.branch_batch} or re-export with a larger --branch-batch")
@@ -138,7 +155,7 @@ class Engine:
             tokens, metrics = autoregressive(self.target, ids, cfg, self.eos, emit)
         else:
             self.draft.reset()
-            tokens, metrics = speculative(self.target, self.draft, ids, cfg, gamma, budget, self.eos, emit)
+            tokens, metrics = speculative(self.target, self.draft, ids, cfg, gamma, budget, self.eos, emit, policy)
         text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else None
         return GenerationResult(tokens, text, metrics, {**metrics.summary(), "mode_source": mode_source})
 

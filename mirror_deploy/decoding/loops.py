@@ -9,29 +9,14 @@ import numpy as np
 
 from .branches import exit_hits
 from .config import GenerationConfig
-from .draft import DraftRunner
+from .draft import DraftRunner, Window
 from .metrics import RunMetrics, StepRecord
+from .policy import HeuristicWindow
 from .sampling import TARGET_STREAM, choose, keyed_rng, warp
 from .target import TargetRunner
 from .verify import verify_greedy, verify_match, verify_rejection
 from .worker import DraftWorker, PartFailure, StepInputs
 
-
-class WindowPolicy:
-    """The draft window's length, adapted within a run from its own acceptance: +2 after a window
-    accepted whole, −1 otherwise, within [1, γ] (the schedule transformers calls "heuristic", which
-    OpenVINO GenAI also uses). The length only decides how much is drafted, never what is committed."""
-
-    def __init__(self, gamma: int, adaptive: bool):
-        self.gamma, self.adaptive, self.current = gamma, adaptive, gamma
-
-    def length(self) -> int:
-        return self.current
-
-    def observe(self, accepted: int, drafted: int) -> None:
-        if self.adaptive:
-            step = 2 if accepted == drafted else -1
-            self.current = min(self.gamma, max(1, self.current + step))
 
 # Called with each step's committed tokens; a true return ends generation after this step (a stop
 # string was seen, the client went away), with the loop's usual clean-up and figures.
@@ -94,20 +79,26 @@ def _verify(window, logits: np.ndarray, cfg: GenerationConfig, step: int) -> tup
 
 
 def speculative(target: TargetRunner, draft: DraftRunner, prompt: list[int], cfg: GenerationConfig,
-                gamma: int, budget: int, eos: set[int], emit: Emit) -> tuple[list[int], RunMetrics]:
+                gamma: int, budget: int, eos: set[int], emit: Emit, policy=None) -> tuple[list[int], RunMetrics]:
+    """`policy` chooses each next window's length (0: an autoregressive step) and Mirror's budget
+    (decoding/policy.py); by default the heuristic within [1, γ]."""
     mirror = cfg.mode == "mirror"
     overlapped = mirror and cfg.schedule == "overlapped"
     metrics = RunMetrics(cfg.mode, cfg.schedule if mirror else "serial", prompt_tokens=len(prompt), gamma=gamma)
     worker = DraftWorker(draft, overlapped)
-    policy = WindowPolicy(gamma, cfg.adaptive_gamma)
+    policy = policy or HeuristicWindow(gamma, budget, cfg.adaptive_gamma)
     try:
         t0 = time.perf_counter()
         pending = worker.run_inline(draft.prefill, prompt[:-1])
         _target_call(target.prefill, prompt[:-1])
         if pending is not None:
             pending.result()
-        window = worker.run_inline(draft.rollout_fresh, prompt[-1], len(prompt) - 1, gamma, cfg, 0)
-        window = window.result() if overlapped else window
+        first = policy.plan(len(prompt)).length
+        window = worker.run_inline(draft.rollout_fresh, prompt[-1], len(prompt) - 1, first, cfg, 0) if first \
+            else None
+        window = window.result() if overlapped and first else window
+        if not first:
+            window, draft.pending = Window(), [prompt[-1]]
         draft.take_busy()
         metrics.t_prefill = time.perf_counter() - t0
         out, context_len, step = [], len(prompt), 0
@@ -116,14 +107,16 @@ def speculative(target: TargetRunner, draft: DraftRunner, prompt: list[int], cfg
             t_step = time.perf_counter()
             root_pos = context_len - 1
             root = prompt[-1] if not out else out[-1]
-            pp = _target_call(target.prefix, [root, *window.tokens], mirror, part="target prefix")
-            # The next window's length is chosen now, before this step's verdict: Mirror's branches
-            # roll it out while the suffix runs.
-            length = policy.length()
+            # The next window is planned now, before this step's verdict: Mirror's branches roll it
+            # out while the suffix runs. Without a window to branch from, or none wanted, the draft
+            # works after the verdict (or not at all).
+            plan = policy.plan(context_len)
+            branching = mirror and bool(window.tokens) and plan.length > 0
+            pp = _target_call(target.prefix, [root, *window.tokens], branching, part="target prefix")
             handle = None
-            if mirror:
+            if branching:
                 handle = worker.start(StepInputs(pp.exit_ids, pp.exit_logprobs, window.tokens, root_pos,
-                                                 gamma, budget, step + 1, cfg, window, length))
+                                                 policy.gamma, plan.budget, step + 1, cfg, window, plan.length))
             sfx, t_suffix = _target_call(target.suffix, pp, part="target suffix")
             logits = sfx["logits"][0]
             accepted, correction = _verify(window, logits, cfg, step)
@@ -131,21 +124,23 @@ def speculative(target: TargetRunner, draft: DraftRunner, prompt: list[int], cfg
             record = StepRecord(accepted, accepted + 1, t_prefix=pp.seconds, t_suffix=t_suffix,
                                 window=len(window.tokens))
             policy.observe(accepted, len(window.tokens))
-            if mirror:
+            if branching:
                 result = worker.finish(handle, accepted, correction)
+                policy.observe_rank(result.needed_rank)
                 record.branches, record.reused, record.fallback = result.branches, result.reused, not result.reused
                 record.t_draft, record.needed_rank = result.busy, result.needed_rank
                 hits = exit_hits(pp.exit_ids, logits.argmax(axis=-1))
                 record.exit_hits, record.exit_positions = int(hits.sum()), len(hits)
                 next_window = result.window
             else:
-                next_window, _ = draft.advance(accepted, correction, window.tokens, root_pos, length, cfg,
+                next_window, _ = draft.advance(accepted, correction, window.tokens, root_pos, plan.length, cfg,
                                                step + 1, None)
                 record.t_draft = draft.take_busy()
+                record.fallback = mirror and plan.length > 0     # a fresh rollout after the verdict
             record.t_exposed = time.perf_counter() - t_wait
             # Draft runtime time the step waited for: in series all of it; overlapped, only the wait
             # (which includes the draft's Python after the verdict, a slight overcount of runtime time).
-            record.t_draft_on_path = record.t_exposed if overlapped else record.t_draft
+            record.t_draft_on_path = record.t_exposed if branching and overlapped else record.t_draft
             target.commit(pp, sfx, accepted + 1)
             new, stop = _finish(window.tokens[:accepted] + [correction], len(out), cfg, eos)
             out += new

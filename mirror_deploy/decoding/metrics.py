@@ -46,6 +46,7 @@ class RunMetrics:
         n = max(len(s), 1)
         total = lambda attr: float(sum(getattr(x, attr) for x in s))
         positions = total("exit_positions")
+        windows = max(sum(x.reused or x.fallback for x in s), 1)
         hist = np.bincount([x.accepted for x in s], minlength=self.gamma + 1).tolist() if s else []
         ideal = sum(x.t_prefix + max(x.t_suffix, x.t_draft) for x in s)
         on_path = total("t_prefix") + total("t_suffix") + total("t_draft_on_path")
@@ -57,8 +58,12 @@ class RunMetrics:
             "steps": len(s),
             "mean_accepted_tokens": total("committed") / n,   # tokens per target forward
             "acceptance_histogram": hist,
-            "reuse_rate": total("reused") / n if self.mode == "mirror" else None,
-            "fallback_frequency": total("fallback") / n if self.mode == "mirror" else None,
+            # Over the steps that produced a window: autoregressive steps (the policy's choice) neither
+            # reuse nor fall back.
+            "reuse_rate": total("reused") / windows if self.mode == "mirror" else None,
+            "fallback_frequency": total("fallback") / windows if self.mode == "mirror" else None,
+            "autoregressive_steps": sum(x.window == 0 for x in s) if self.mode != "ar" else None,
+            "mean_window": total("window") / n if self.mode != "ar" else None,
             "exit_hit_rate": total("exit_hits") / positions if positions else None,
             "mean_branches": total("branches") / n if self.mode == "mirror" else None,
             "t_prefix_ms": 1e3 * total("t_prefix") / n,

@@ -18,6 +18,7 @@ from .config import GenerationConfig
 from .draft import BranchRun, DraftRunner, Window
 
 _ABORT = object()
+ALL_BRANCHES = 1 << 30
 
 
 class PartFailure(MirrorDeployError):
@@ -111,9 +112,11 @@ class DraftWorker:
             self.history = AcceptanceHistory(s.gamma)
         w = s.draft_window
         view = draft_view(w.top_ids, w.top_probs, w.tokens, w.probs) if w is not None and w.top_ids else None
-        chosen = rank_branches(s.exit_ids, s.exit_logprobs, s.drafts, s.budget, self.history, view,
-                               continuation=True)
-        self._ranked = chosen
+        # The whole ranking is kept, so the needed branch's rank is known past the budget too (the
+        # policy learns from it what a larger budget would have caught).
+        self._ranked = rank_branches(s.exit_ids, s.exit_logprobs, s.drafts, ALL_BRANCHES, self.history, view,
+                                     continuation=True)
+        chosen = self._ranked[:s.budget]
         poll = self._poll if self.pool is not None else (lambda: None)
         self._run = self.draft.roll_out_branches(chosen, s.drafts, s.root_pos, s.cfg, s.window_id, poll, s.length)
 

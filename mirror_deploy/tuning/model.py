@@ -15,11 +15,14 @@ Tokens per step come from the replay (1 + A), so tokens/s = Σ committed ÷ Σ s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .costs import Curves
-from .simulate import Steps
+from .curves import Curves
+
+if TYPE_CHECKING:   # the replay's types only: decoding imports this module for the step times
+    from .simulate import Steps
 
 
 @dataclass

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import model
-from .costs import Curves
+from .curves import Curves
 from .model import MirrorConfig
 from .simulate import Steps, acceptance_per_depth, coverage, needed_ranks, replay
 from .teacher import Sequence

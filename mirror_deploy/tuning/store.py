@@ -113,9 +113,14 @@ def tuning_problems(m: Manifest, data: dict) -> list[str]:
         return [f"a field is missing or has the wrong type ({type(err).__name__}: {err})"]
 
 
+def tuned_for(tuning: dict | None, profile_name: str) -> bool:
+    """Was the artifact tuned on this profile (so its measured costs hold here)?"""
+    return bool(tuning) and tuning.get("profile") == profile_name
+
+
 def tuned_best_mode(tuning: dict | None, profile_name: str) -> str | None:
     """The mode `tune` measured fastest, when it was tuned on this profile."""
-    if not tuning or tuning.get("profile") != profile_name:
+    if not tuned_for(tuning, profile_name):
         return None
     return tuning["choice"].get("best_mode")
 

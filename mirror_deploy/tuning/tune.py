@@ -26,7 +26,8 @@ from ..decoding.config import GenerationConfig
 from ..decoding.engine import Engine
 from ..errors import MirrorDeployError
 from . import model
-from .costs import Curves, curve_contexts, measure_curves
+from .costs import curve_contexts, measure_curves
+from .curves import Curves
 from .model import MirrorConfig
 from .prompts import SHIPPED, pick, read_prompts
 from .search import evaluate, kappa_candidates, predict_mirror, replays, statistics, top
@@ -99,13 +100,15 @@ def probe_overheads(engine: Engine, prompt_ids: list[int], tokens: int) -> dict[
     out = {}
     for mode in MODES:
         cfg = GenerationConfig(max_new_tokens=tokens, mode=mode, stop_at_eos=False, gamma=m.gamma,
-                               branch_budget=m.branch_batch, exit_layer=m.exit_layer, kappa=m.kappa)
+                               branch_budget=m.branch_batch, exit_layer=m.exit_layer, kappa=m.kappa,
+                               adaptive_gamma=False)
         out[mode] = engine.generate(prompt_ids, cfg).summary["python_ms_per_step"]
     return out
 
 
 def mode_configs(mirror: MirrorConfig, sd_gamma: int, new_tokens: int) -> dict[str, GenerationConfig]:
-    common = dict(max_new_tokens=new_tokens, stop_at_eos=False)
+    """The chosen settings held fixed (no window policy), as the latency model predicts them."""
+    common = dict(max_new_tokens=new_tokens, stop_at_eos=False, adaptive_gamma=False)
     return {"ar": GenerationConfig(mode="ar", **common),
             "sd": GenerationConfig(mode="sd", gamma=sd_gamma, **common),
             "mirror": GenerationConfig(mode="mirror", **asdict(mirror), **common)}
