@@ -107,6 +107,18 @@ class Scripted:
 SCRIPT = [(0, 0), (2, 1), (0, 0), (0, 0), (3, 4), (1, 2), (4, 0), (0, 0)] + [(0, 0)] * 7 + [(4, 3), (2, 2)]
 
 
+def _each_mode_equals_ar(engine, prompts, n: int) -> list:
+    """Every speculative mode's greedy output on each prompt equals AR's; returns the runs."""
+    results = []
+    for prompt in prompts:
+        expected = engine.generate(prompt, G(max_new_tokens=n, mode="ar", stop_at_eos=False)).tokens
+        for mode, schedule in SPEC_MODES:
+            result = engine.generate(prompt, G(max_new_tokens=n, mode=mode, schedule=schedule, stop_at_eos=False))
+            assert result.tokens == expected, (prompt, mode, schedule)
+            results.append(result)
+    return results
+
+
 @pytest.fixture(scope="module")
 def agreeing(tmp_path_factory):
     root = tmp_path_factory.mktemp("policy")
@@ -117,25 +129,17 @@ def agreeing(tmp_path_factory):
 
 def test_any_sequence_of_plans_keeps_greedy_exact(agreeing, monkeypatch):
     monkeypatch.setattr(Engine, "run_policy", lambda self, cfg: Scripted(SCRIPT))
-    for prompt in PROMPTS:
-        expected = agreeing.generate(prompt, G(max_new_tokens=40, mode="ar", stop_at_eos=False)).tokens
-        for mode, schedule in SPEC_MODES:
-            result = agreeing.generate(prompt, G(max_new_tokens=40, mode=mode, schedule=schedule, stop_at_eos=False))
-            assert result.tokens == expected, (prompt, mode, schedule)
-            windows = [s.window for s in result.metrics.steps]
-            assert 0 in windows and max(windows) > 0
-            assert result.summary["autoregressive_steps"] == windows.count(0)
+    for result in _each_mode_equals_ar(agreeing, PROMPTS, 40):
+        windows = [s.window for s in result.metrics.steps]
+        assert 0 in windows and max(windows) > 0
+        assert result.summary["autoregressive_steps"] == windows.count(0)
 
 
 def test_a_long_autoregressive_run_catches_the_static_draft_up_in_chunks(static_artifact, monkeypatch):
     """The NPU-shaped draft takes 5 tokens a call: 12 idle steps are fed in several calls."""
     monkeypatch.setattr(Engine, "run_policy", lambda self, cfg: Scripted([(0, 0)] * 12 + [(3, 2)] * 3))
     engine = Engine(static_artifact)
-    for prompt in PROMPTS[:2]:
-        expected = engine.generate(prompt, G(max_new_tokens=30, mode="ar", stop_at_eos=False)).tokens
-        for mode, schedule in SPEC_MODES:
-            result = engine.generate(prompt, G(max_new_tokens=30, mode=mode, schedule=schedule, stop_at_eos=False))
-            assert result.tokens == expected, (prompt, mode, schedule)
+    assert len(_each_mode_equals_ar(engine, PROMPTS[:2], 30)) == 2 * len(SPEC_MODES)
 
 
 @pytest.fixture(scope="module")
@@ -151,12 +155,10 @@ def test_a_tuned_run_with_a_draft_that_never_agrees_goes_autoregressive(tuned_da
                                                                     branch_batch=4), QUIET)
     store.write_tuning(folder, tuned_data)      # the same shapes' measured costs
     engine = Engine(folder)
+    for result in _each_mode_equals_ar(engine, PROMPTS[:2], 48):
+        windows = [s.window for s in result.metrics.steps]
+        assert windows.count(0) >= len(windows) // 2, windows
     for prompt in PROMPTS[:2]:
-        expected = engine.generate(prompt, G(max_new_tokens=48, mode="ar", stop_at_eos=False)).tokens
-        for mode, schedule in SPEC_MODES:
-            result = engine.generate(prompt, G(max_new_tokens=48, mode=mode, schedule=schedule, stop_at_eos=False))
-            assert result.tokens == expected, (prompt, mode, schedule)
-            windows = [s.window for s in result.metrics.steps]
-            assert windows.count(0) >= len(windows) // 2, windows
+        expected = engine.generate(prompt, G(max_new_tokens=16, mode="ar", stop_at_eos=False)).tokens
         fixed = engine.generate(prompt, G(max_new_tokens=16, mode="sd", adaptive_gamma=False, stop_at_eos=False))
-        assert fixed.tokens == expected[:16] and 0 not in [s.window for s in fixed.metrics.steps]
+        assert fixed.tokens == expected and 0 not in [s.window for s in fixed.metrics.steps]

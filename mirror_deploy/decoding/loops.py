@@ -94,11 +94,11 @@ def speculative(target: TargetRunner, draft: DraftRunner, prompt: list[int], cfg
         if pending is not None:
             pending.result()
         first = policy.plan(len(prompt)).length
-        window = worker.run_inline(draft.rollout_fresh, prompt[-1], len(prompt) - 1, first, cfg, 0) if first \
-            else None
-        window = window.result() if overlapped and first else window
-        if not first:
-            window, draft.pending = Window(), [prompt[-1]]
+        if first:
+            window = worker.run_inline(draft.rollout_fresh, prompt[-1], len(prompt) - 1, first, cfg, 0)
+            window = window.result() if overlapped else window
+        else:
+            window, draft.pending = Window(), [prompt[-1]]   # the draft idles from the start
         draft.take_busy()
         metrics.t_prefill = time.perf_counter() - t0
         out, context_len, step = [], len(prompt), 0

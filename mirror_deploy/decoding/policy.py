@@ -145,7 +145,7 @@ class CostAwareWindow:
             over = self.costs.overhead_ms
             hit = np.zeros((self.gamma + 1, self.budget + 1))
             miss = np.zeros_like(hit)
-            hit[0], miss[0] = model.ar_step_ms(c, ctx) + over["ar"], model.ar_step_ms(c, ctx) + over["ar"]
+            hit[0] = miss[0] = model.ar_step_ms(c, ctx) + over["ar"]
             for length in range(1, self.gamma + 1):
                 if self.mode == "sd":
                     hit[length] = miss[length] = model.sd_step_ms(c, length, ctx) + over["sd"]
