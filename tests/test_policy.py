@@ -86,6 +86,33 @@ def test_mirror_sizes_its_budget_from_the_needed_ranks():
     assert policy.plan(50).budget == 0
 
 
+def test_measured_step_times_correct_the_tuned_curves():
+    """The curves say windows of 2 pay; the run's steps take twice as long as predicted, while the
+    target alone runs as predicted: the policy must see that and drop to autoregressive steps."""
+    policy = _policy(acceptance=0.6)
+    plan = policy.plan(50)
+    assert plan.length > 0
+    hit, _, target = policy._step_ms(50)
+    before = policy.predicted(50)
+    for _ in range(30):
+        policy.observe_time(plan.length, plan, None, 2 * hit[plan.length, 0] / 1e3,
+                            target[plan.length] / 1e3, 50)
+    after = policy.predicted(50)
+    assert after[0, 0] == pytest.approx(before[0, 0])                       # the target: as tuned
+    assert after[plan.length, 0] < 0.6 * before[plan.length, 0]              # windows: slower than tuned
+    assert policy.plan(50).length == 0
+
+
+def test_a_faster_target_alone_raises_the_autoregressive_estimate():
+    policy = _policy(mode="mirror")
+    plan = policy.plan(50)
+    _, _, target = policy._step_ms(50)
+    before = policy.predicted(50)[0, 0]
+    for _ in range(30):   # Mirror's prefix (the target alone) runs at 0.8x the curves
+        policy.observe_time(plan.length, plan, True, 1.0, 0.8 * target[plan.length] / 1e3, 50)
+    assert policy.predicted(50)[0, 0] == pytest.approx(before / 0.8, rel=0.1)
+
+
 class Scripted:
     """A policy that walks a fixed cycle of (length, budget): every transition, AR runs included."""
 
@@ -101,6 +128,9 @@ class Scripted:
         pass
 
     def observe_rank(self, rank):
+        pass
+
+    def observe_time(self, drafted, plan, reused, step_s, target_s, context):
         pass
 
 

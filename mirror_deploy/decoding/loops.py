@@ -147,6 +147,8 @@ def speculative(target: TargetRunner, draft: DraftRunner, prompt: list[int], cfg
             context_len += accepted + 1
             stop = bool(emit(new)) or stop
             record.t_step = time.perf_counter() - t_step
+            policy.observe_time(len(window.tokens), plan, record.reused if branching else None, record.t_step,
+                                pp.seconds + (0.0 if mirror else t_suffix), context_len)
             metrics.add(record)
             window, step = next_window, step + 1
             if stop:

@@ -9,7 +9,11 @@ choice only decides how much is drafted, never what is committed, so every polic
   needed-branch ranks, and the fastest wins. Text the draft cannot follow drops to autoregressive steps;
   while it runs those, the estimates relax towards the calibration prior, and when the model would leave
   it first probes with a one-token window: after 4, 8, 16 .. 64 idle steps (back to 4 as soon as a
-  draft token is accepted); only an accepted probe lets it speculate again.
+  draft token is accepted); only an accepted probe lets it speculate again. The curves come from the
+  machine and the moment `tune` ran on; the run's own step times correct them: one factor for the target
+  alone (from autoregressive steps, SD's target calls and Mirror's prefix), which scales the
+  autoregressive estimate, and one for whole speculative steps (contention between the two devices
+  included), which scales every window's.
 """
 from __future__ import annotations
 
@@ -41,6 +45,26 @@ class HeuristicWindow:
 
     def observe_rank(self, rank: int) -> None:
         pass
+
+    def observe_time(self, drafted: int, plan: Plan, reused: bool | None, step_s: float, target_s: float,
+                     context: int) -> None:
+        pass
+
+
+class DecayedRatio:
+    """measured ÷ predicted as a decayed geometric mean, starting at 1 with the weight of `weight`
+    steps; a single step moves it at most 2x (a stray pause must not flip the choice)."""
+
+    def __init__(self, decay: float = 0.9, weight: float = 2.0):
+        self.log_sum, self.seen, self.decay, self.weight = 0.0, 0.0, decay, weight
+
+    def add(self, measured: float, predicted: float) -> None:
+        if measured > 0 and predicted > 0:
+            self.log_sum = self.decay * self.log_sum + float(np.clip(np.log(measured / predicted), -np.log(2), np.log(2)))
+            self.seen = self.decay * self.seen + 1.0
+
+    def factor(self) -> float:
+        return float(np.exp(self.log_sum / (self.seen + self.weight)))
 
 
 class DecayedRate:
@@ -102,6 +126,7 @@ class CostAwareWindow:
         self.exit_layer, self.kappa = exit_layer, kappa
         self.accept = DecayedRate(costs.acceptance)
         self.ranks = DecayedRate(np.asarray(costs.coverage), weight=4.0)
+        self.target_speed, self.spec_speed = DecayedRatio(), DecayedRatio()   # measured ÷ the curves
         self.current = Plan(min(start, gamma), budget)
         self._bucket, self._table = None, None
         self.idle_steps, self.wait, self.passed = 0, self.MIN_WAIT, False
@@ -126,14 +151,31 @@ class CostAwareWindow:
         budgets = np.arange(self.budget + 1)
         self.ranks.add(((rank >= 0) & (rank < budgets)).astype(float), np.ones(self.budget + 1))
 
+    def observe_time(self, drafted: int, plan: Plan, reused: bool | None, step_s: float, target_s: float,
+                     context: int) -> None:
+        """A finished step: it verified `drafted` tokens and rolled out `plan` (Mirror: `reused` says
+        whether a branch held the next window). Only steady steps (verified as long as rolled out)
+        correct the speculative estimate: a transition's cost is in no table entry."""
+        hit, miss, target = self._step_ms(context)
+        if not drafted and not plan.length:
+            self.target_speed.add(1e3 * step_s, hit[0, 0])
+            return
+        if drafted:
+            self.target_speed.add(1e3 * target_s, target[drafted])
+        if drafted == plan.length:
+            column = plan.budget if self.mode == "mirror" else 0
+            table = miss if self.mode == "mirror" and not reused else hit
+            self.spec_speed.add(1e3 * step_s, table[drafted, column])
+
     # -- the choice -----------------------------------------------------------------------------
     def expected_tokens(self) -> np.ndarray:
         """L -> 1 + E[accepted] for a window of L, from the run's acceptance per depth."""
         reach = np.cumprod(self.accept.rates())
         return 1.0 + np.concatenate([[0.0], np.cumsum(reach)])
 
-    def _step_ms(self, context: int) -> tuple[np.ndarray, np.ndarray]:
-        """[L, b] step times on a hit and on a miss at this context (L = 0: autoregressive)."""
+    def _step_ms(self, context: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """[L, b] step times on a hit and on a miss at this context (L = 0: autoregressive), and [L] the
+        target's time alone for a window of L (SD: the whole target; Mirror: the prefix)."""
         bucket = context // self.BUCKET
         if bucket != self._bucket:
             c = self.costs.curves
@@ -145,23 +187,28 @@ class CostAwareWindow:
             over = self.costs.overhead_ms
             hit = np.zeros((self.gamma + 1, self.budget + 1))
             miss = np.zeros_like(hit)
+            target = np.zeros(self.gamma + 1)
             hit[0] = miss[0] = model.ar_step_ms(c, ctx) + over["ar"]
             for length in range(1, self.gamma + 1):
                 if self.mode == "sd":
                     hit[length] = miss[length] = model.sd_step_ms(c, length, ctx) + over["sd"]
+                    target[length] = model.target_window_ms(c, length, ctx)
                     continue
+                target[length] = model.mirror_prefix_ms(c, self.exit_layer, length, ctx)
                 for b in range(self.budget + 1):
                     cfg = model.MirrorConfig(self.exit_layer, self.kappa, length, b)
                     hit[length, b] = model.mirror_step_ms(c, cfg, ctx, np.asarray(True)) + over["mirror"]
                     miss[length, b] = model.mirror_step_ms(c, cfg, ctx, np.asarray(False)) + over["mirror"]
-            self._bucket, self._table = bucket, (hit, miss)
+            self._bucket, self._table = bucket, (hit, miss, target)
         return self._table
 
     def predicted(self, context: int) -> np.ndarray:
         """[L, b] predicted tokens per second."""
-        hit_ms, miss_ms = self._step_ms(context)
+        hit_ms, miss_ms, _ = self._step_ms(context)
         p = self.ranks.rates()[None, :] if self.mode == "mirror" else 1.0
         ms = p * hit_ms + (1 - p) * miss_ms
+        ms[0] *= self.target_speed.factor()
+        ms[1:] *= self.spec_speed.factor()
         return 1e3 * self.expected_tokens()[:, None] / ms
 
     def plan(self, context: int) -> Plan:

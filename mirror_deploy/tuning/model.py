@@ -45,9 +45,15 @@ def sd_step_ms(c: Curves, gamma: int, context) -> np.ndarray:
     return target_window_ms(c, gamma, context) + gamma * c.draft("alone", 1, context)
 
 
+def mirror_prefix_ms(c: Curves, exit_layer: int, gamma: int, context) -> np.ndarray:
+    """The segments before ℓe and the exit head on γ+1 rows, alone (the draft waits for the exit)."""
+    split = c.split_of[exit_layer]
+    return c.segments("alone", 0, split, gamma + 1, context) + c.head("alone", gamma + 1, context, exit_head=True)
+
+
 def mirror_step_ms(c: Curves, cfg: MirrorConfig, context, hit: np.ndarray) -> np.ndarray:
     g, split = cfg.gamma, c.split_of[cfg.exit_layer]
-    prefix = c.segments("alone", 0, split, g + 1, context) + c.head("alone", g + 1, context, exit_head=True)
+    prefix = mirror_prefix_ms(c, cfg.exit_layer, g, context)
     suffix = c.segments("together", split, c.n_segments, g + 1, context) + c.head("together", g + 1, context)
     one = c.draft("alone", 1, context)
     fresh = g * one
