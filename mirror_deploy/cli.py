@@ -285,7 +285,7 @@ def learn_exit(
                                             "`python -m mirror_deploy.tuning.lens ... --out DIR` instead of training."),
     prompts: Optional[Path] = typer.Option(None, help="Calibration prompts (.jsonl; default: the shipped set)."),
     new_tokens: int = typer.Option(64, help="Target continuation tokens per calibration prompt."),
-    epochs: int = typer.Option(40),
+    epochs: int = typer.Option(60),
     seed: int = typer.Option(0),
 ):
     """Train a learned early exit (tuned lens: affine translator, KL to the final distribution) at each

@@ -15,8 +15,8 @@ from mirror_deploy.runtimes.kv import causal_mask
 from mirror_deploy.tiny import build_tiny_pair
 from mirror_deploy.tuning.calibration import (CATEGORIES, CalibrationPrompt, encode_prompts, generate_sequences,
                                               load_prompts)
-from mirror_deploy.tuning.features import FrozenHead, collect_features, split_by_sequence
-from mirror_deploy.tuning.lens import LensConfig, fit_lens, main, train_translator
+from mirror_deploy.tuning.features import FrozenHead, collect_features, shared_preamble, split_by_sequence
+from mirror_deploy.tuning.lens import LensConfig, fit_lens, hard_negatives, main, train_translator
 from mirror_deploy.tuning.translator import AffineTranslator, export_onnx, load_translators, save_translators
 
 BOUNDARIES = [2, 4]
@@ -111,12 +111,44 @@ def test_boundary_hidden_state_is_what_the_exported_prefix_hands_over(source, se
             out = prefix(torch.tensor([seq.ids]), torch.arange(n)[None], torch.from_numpy(causal_mask(0, n, 0)),
                          *empty)
         rows = list(seq.continuation_positions)
-        np.testing.assert_allclose(out[0][0, rows].numpy(), features.hidden[boundary][:len(rows)], atol=1e-4)
+        first = features.sequence == 0
+        np.testing.assert_allclose(out[0][0, rows].numpy(),
+                                   features.hidden[boundary][first & features.continuation], atol=1e-4)
+        prompt = list(range(shared_preamble(sequences), seq.prompt_len - 1))
+        assert prompt, "the tiny prompts must leave prompt rows past the shared preamble"
+        np.testing.assert_allclose(out[0][0, prompt].numpy(),
+                                   features.hidden[boundary][first & ~features.continuation], atol=1e-4)
+
+
+def test_head_input_gives_the_final_logits(source, features):
+    head = FrozenHead.of(source.model)
+    logits = head.logits_of_normed(torch.from_numpy(features.head_input), torch.from_numpy(features.final_ids))
+    np.testing.assert_allclose(torch.log_softmax(logits, -1).numpy(),
+                               torch.log_softmax(torch.from_numpy(features.final_logprobs), -1).numpy(), atol=1e-4)
 
 
 def test_final_top1_is_the_next_token(sequences, features):
     following = np.concatenate([[s.ids[p + 1] for p in s.continuation_positions] for s in sequences])
-    assert (features.final_ids[:, 0] == following).mean() > 0.97
+    assert (features.continuation_rows().final_ids[:, 0] == following).mean() > 0.97
+
+
+def test_preamble_every_prompt_shares_is_left_out_of_training(sequences, features):
+    start = shared_preamble(sequences)
+    assert 0 < start < min(s.prompt_len for s in sequences)
+    assert len({s.ids[start] for s in sequences}) > 1
+    prompt_rows = sum(s.prompt_len - 1 - start for s in sequences)
+    assert (~features.continuation).sum() == prompt_rows
+
+
+def test_hard_negatives_are_the_exits_best_tokens_outside_the_support(source, features):
+    head = FrozenHead.of(source.model)
+    hidden = torch.from_numpy(features.hidden[BOUNDARIES[0]][:20])
+    support = torch.from_numpy(features.final_ids[:20, :8])
+    negatives = hard_negatives(head, AffineTranslator(hidden.shape[1]), hidden, support, 5)
+    ranked, _ = head.topk(hidden, 13)
+    for row in range(20):
+        outside = [t for t in ranked[row].tolist() if t not in support[row].tolist()][:5]
+        assert negatives[row].tolist() == outside
 
 
 def test_untrained_translator_is_the_logit_lens():
@@ -127,7 +159,7 @@ def test_untrained_translator_is_the_logit_lens():
 def test_training_is_deterministic_for_a_seed(source, features):
     head = FrozenHead.of(source.model)
     train, _ = split_by_sequence(features, CONFIG.held_out, CONFIG.seed)
-    args = (head, train.hidden[2], train.final_ids, train.final_logprobs)
+    args = (head, train.hidden[2], train.final_ids, train.final_logprobs, train.head_input)
     short = LensConfig(**{**CONFIG.__dict__, "epochs": 3})
     first, second = train_translator(*args, short), train_translator(*args, short)
     other = train_translator(*args, LensConfig(**{**short.__dict__, "seed": 1}))

@@ -3,6 +3,12 @@
 hidden_states[L] from HF (`output_hidden_states`) is the output of layer L-1, i.e. the input of the
 target's suffix when the early exit sits at boundary L: exactly what the exported prefix hands over.
 Only the final distribution's top-k (ids + log-probs) is kept: the full one is 151,936 floats a token.
+
+Rows are the continuation positions (what the exit sees while decoding, and what held-out figures are
+measured on) plus, for training only, the prompt positions after the preamble every prompt shares (the
+chat template's system turn would otherwise be the same rows many times): more rows for the cost of
+the same forward pass (on the real 1.5B target, layer 18, they took the held-out top-8 hit from 58.7% to
+60.9% in an A/B on one calibration set).
 """
 from __future__ import annotations
 
@@ -38,7 +44,11 @@ class FrozenHead(torch.nn.Module):
 
     def support_logits(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Logits of `ids` [rows, k] only: a gather of k head rows per token instead of the whole vocabulary."""
-        logits = torch.einsum("rd,rkd->rk", self.norm(hidden), self.weight[ids])
+        return self.logits_of_normed(self.norm(hidden), ids)
+
+    def logits_of_normed(self, normed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The same from the head's input (the final norm already applied)."""
+        logits = torch.einsum("rd,rkd->rk", normed, self.weight[ids])
         return logits if self.bias is None else logits + self.bias[ids]
 
     @torch.no_grad()
@@ -55,12 +65,15 @@ class FrozenHead(torch.nn.Module):
 
 @dataclass
 class Features:
-    """One row per continuation position of the calibration sequences."""
+    """One row per training position of the calibration sequences."""
     hidden: dict[int, np.ndarray]   # boundary -> [rows, d] float32
     final_ids: np.ndarray           # [rows, k] int64: the final distribution's top-k ...
     final_logprobs: np.ndarray      # [rows, k] float32: ... and their log-probs (full softmax)
     sequence: np.ndarray            # [rows] int: which calibration sequence a row comes from
     category: list[str]             # per sequence
+    continuation: np.ndarray        # [rows] bool: a continuation position (else a prompt position)
+    head_input: np.ndarray          # [rows, d] float32: what the LM head reads (final norm applied), so
+                                    # the final logit of any token can be computed again in training
 
     @property
     def rows(self) -> int:
@@ -68,7 +81,11 @@ class Features:
 
     def select(self, mask: np.ndarray) -> Features:
         return Features({b: h[mask] for b, h in self.hidden.items()}, self.final_ids[mask],
-                        self.final_logprobs[mask], self.sequence[mask], self.category)
+                        self.final_logprobs[mask], self.sequence[mask], self.category, self.continuation[mask],
+                        self.head_input[mask])
+
+    def continuation_rows(self) -> Features:
+        return self.select(self.continuation)
 
 
 def check_boundaries(boundaries: list[int], layers: int) -> list[int]:
@@ -79,30 +96,50 @@ def check_boundaries(boundaries: list[int], layers: int) -> list[int]:
     return sorted(set(boundaries))
 
 
+def shared_preamble(sequences: list[CalibrationSequence]) -> int:
+    """Length of the prompt prefix every sequence shares (0 for a single sequence: nothing repeats)."""
+    if len(sequences) < 2:
+        return 0
+    prompts = [s.ids[:s.prompt_len] for s in sequences]
+    n = 0
+    while all(len(p) > n for p in prompts) and len({p[n] for p in prompts}) == 1:
+        n += 1
+    return n
+
+
 @torch.no_grad()
 def collect_features(model, sequences: list[CalibrationSequence], boundaries: list[int],
                      support: int = 32) -> Features:
     """Teacher-forced fp32 forwards, one sequence at a time (no padding, so positions are exact)."""
     boundaries = check_boundaries(boundaries, model.config.num_hidden_layers)
     hidden = {b: [] for b in boundaries}
-    ids, logprobs, owner = [], [], []
+    ids, logprobs, owner, continuation, head_input = [], [], [], [], []
+    first = max(shared_preamble(sequences), 1)
+    captured = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda _m, args, _o: captured.append(args[0]))
     for n, seq in enumerate(sequences):
-        rows = torch.tensor(list(seq.continuation_positions))
-        if not len(rows):
+        if not len(seq.continuation_positions):
             continue
+        prompt_rows = list(range(first, seq.prompt_len - 1))
+        rows = torch.tensor(prompt_rows + list(seq.continuation_positions))
         # logits_to_keep: the head only on the rows used (it is ~15-30% of a small model's compute)
+        captured.clear()
         out = model(torch.tensor([seq.ids]), output_hidden_states=True, use_cache=False, logits_to_keep=rows)
+        head_input.append(captured[-1][0].float().numpy())
         for b in boundaries:
             hidden[b].append(out.hidden_states[b][0, rows].float().numpy())
         top = torch.log_softmax(out.logits[0].float(), dim=-1).topk(support, dim=-1)
         ids.append(top.indices.numpy())
         logprobs.append(top.values.numpy())
         owner.append(np.full(len(rows), n))
+        continuation.append(np.arange(len(rows)) >= len(prompt_rows))
+    hook.remove()
     if not owner:
         raise MirrorDeployError("the calibration sequences have no continuation tokens",
                                 "ask for at least 1 new token per prompt")
     return Features({b: np.concatenate(h) for b, h in hidden.items()}, np.concatenate(ids),
-                    np.concatenate(logprobs), np.concatenate(owner), [s.category for s in sequences])
+                    np.concatenate(logprobs), np.concatenate(owner), [s.category for s in sequences],
+                    np.concatenate(continuation), np.concatenate(head_input))
 
 
 def cached_features(model_dir: str | Path, model, sequences: list[CalibrationSequence], boundaries: list[int],
@@ -111,17 +148,19 @@ def cached_features(model_dir: str | Path, model, sequences: list[CalibrationSeq
     with other settings then skips the teacher-forced forwards."""
     boundaries = check_boundaries(boundaries, model.config.num_hidden_layers)
     key = hashlib.sha256(json.dumps([model_fingerprint(model_dir), [s.ids for s in sequences], boundaries,
-                                     support]).encode()).hexdigest()[:24]
+                                     support, "prompt-rows"]).encode()).hexdigest()[:24]
     path = Path(cache or cache_dir()) / "calibration" / f"features-{key}.npz"
     if path.is_file():
         with np.load(path) as data:
             return Features({b: data[f"hidden_{b}"] for b in boundaries}, data["final_ids"], data["final_logprobs"],
-                            data["sequence"], [s.category for s in sequences])
+                            data["sequence"], [s.category for s in sequences], data["continuation"],
+                            data["head_input"])
     features = collect_features(model, sequences, boundaries, support)
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = path.with_name(path.stem + ".tmp.npz")
     np.savez(scratch, final_ids=features.final_ids, final_logprobs=features.final_logprobs,
-             sequence=features.sequence, **{f"hidden_{b}": h for b, h in features.hidden.items()})
+             sequence=features.sequence, continuation=features.continuation,
+             head_input=features.head_input, **{f"hidden_{b}": h for b, h in features.hidden.items()})
     scratch.replace(path)
     return features
 

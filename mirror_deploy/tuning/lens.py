@@ -1,10 +1,14 @@
 """A learned early exit (the "tuned lens", Belrose et al. 2023, arXiv 2303.08112) and its measurement.
 
 One affine translator per exit boundary, trained so that head(norm(translator(h_L))) matches the target's
-final distribution: loss = KL(final || exit) on the final distribution's top-k support (renormalised),
-through the model's own frozen final norm + LM head. Matching hidden states is the wrong objective (a
-least-squares map onto the last hidden state barely beats the logit lens); matching the distribution is
-what the early exit is for. Seeded, deterministic, CPU, minutes for a few thousand tokens.
+final distribution, through the model's own frozen final norm + LM head. Matching hidden states is the
+wrong objective (a least-squares map onto the last hidden state barely beats the logit lens); matching the
+distribution is what the early exit is for. The loss is KL(final || exit) on the final distribution's
+top-k tokens plus the exit's own best-ranked tokens outside them (hard negatives, re-ranked every few
+epochs), both renormalised on that set: a loss on the top-k alone never sees the wrong tokens that push
+the right one out of the exit's top-κ. On the real 1.5B target (held-out top-8, layer 18) hard
+negatives took the learned exit from 48.9% to 58.7% (logit lens 32.0%). Seeded, deterministic, CPU,
+minutes for a few thousand tokens.
 
     python -m mirror_deploy.tuning.lens MODEL_DIR --boundaries 10,14,18,22 --kappa 8
 """
@@ -30,10 +34,12 @@ from .translator import AffineTranslator, export_onnx, save_translators
 @dataclass(frozen=True)
 class LensConfig:
     support: int = 32        # final top-k the loss is computed on
+    negatives: int = 32      # the exit's best-ranked tokens outside the support, added to the loss (0: none)
+    refresh: int = 5         # epochs between re-ranking the hard negatives
     kappa: int = 8           # top-κ the early exit sends; the hit rate is measured at this width
-    epochs: int = 40
+    epochs: int = 60
     batch: int = 128
-    lr: float = 1e-3
+    lr: float = 5e-4
     seed: int = 0
     held_out: float = 0.3    # fraction of sequences (per category) kept out of training
 
@@ -72,6 +78,29 @@ def support_kl(head: FrozenHead, hidden: torch.Tensor, ids: torch.Tensor, logpro
     return (target.exp() * (target - exit_)).sum(-1).mean()
 
 
+def hard_negatives(head: FrozenHead, translator: AffineTranslator, hidden: torch.Tensor, ids: torch.Tensor,
+                   count: int) -> torch.Tensor:
+    """Per row, the exit's `count` best-ranked tokens outside the final support `ids` (of its top
+    count + k, at most k are inside, so there are always enough)."""
+    with torch.no_grad():
+        top, _ = head.topk(translator(hidden), count + ids.shape[1])
+    outside = ~(top[:, :, None] == ids[:, None, :]).any(-1)
+    order = torch.argsort(outside.to(torch.int8), dim=1, descending=True, stable=True)   # outside first, in rank order
+    return torch.gather(top, 1, order)[:, :count]
+
+
+def support_loss(head: FrozenHead, hidden: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor,
+                 negatives: torch.Tensor, head_input: torch.Tensor) -> torch.Tensor:
+    """KL(final || exit) on the final support plus the negatives, both renormalised there; the final
+    logits of the negatives come from the head's stored input. Without negatives: the support KL."""
+    if not negatives.shape[1]:
+        return support_kl(head, hidden, ids, logprobs)
+    tokens = torch.cat([ids, negatives], dim=1)
+    target = torch.log_softmax(head.logits_of_normed(head_input, tokens), dim=-1)
+    exit_ = torch.log_softmax(head.support_logits(hidden, tokens), dim=-1)
+    return (target.exp() * (target - exit_)).sum(-1).mean()
+
+
 def input_scale(hidden: torch.Tensor) -> torch.Tensor:
     """Per-feature RMS over the training rows (floored: a dead feature must not divide by zero)."""
     rms = hidden.pow(2).mean(0).sqrt()
@@ -79,15 +108,20 @@ def input_scale(hidden: torch.Tensor) -> torch.Tensor:
 
 
 def train_translator(head: FrozenHead, hidden: np.ndarray, ids: np.ndarray, logprobs: np.ndarray,
-                     config: LensConfig) -> AffineTranslator:
+                     head_input: np.ndarray, config: LensConfig) -> AffineTranslator:
     hidden_t, ids_t, logprobs_t = torch.from_numpy(hidden), torch.from_numpy(ids), torch.from_numpy(logprobs)
+    head_input_t = torch.from_numpy(head_input)
     with deterministic(config.seed):
         translator = AffineTranslator(hidden.shape[1], input_scale(hidden_t))
         optimizer = torch.optim.Adam(translator.parameters(), lr=config.lr)
         order = torch.Generator().manual_seed(config.seed)
-        for _ in range(config.epochs):
+        negatives = ids_t[:, :0]
+        for epoch in range(config.epochs):
+            if config.negatives and epoch % config.refresh == 0:
+                negatives = hard_negatives(head, translator, hidden_t, ids_t, config.negatives)
             for rows in torch.randperm(len(hidden_t), generator=order).split(config.batch):
-                loss = support_kl(head, translator(hidden_t[rows]), ids_t[rows], logprobs_t[rows])
+                loss = support_loss(head, translator(hidden_t[rows]), ids_t[rows], logprobs_t[rows], negatives[rows],
+                                    head_input_t[rows])
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -119,16 +153,18 @@ def evaluate(head: FrozenHead, translator: AffineTranslator, boundary: int, trai
 
 def fit_lens(features: Features, head: FrozenHead, config: LensConfig = LensConfig()
              ) -> tuple[dict[int, AffineTranslator], list[BoundaryReport]]:
-    """Train one translator per boundary on the train split; report hit rates on held-out sequences."""
+    """Train one translator per boundary on the train split (prompt rows included); report hit rates on
+    the held-out sequences' continuation rows (what the exit sees while decoding)."""
     if config.support > features.final_ids.shape[1]:
         raise MirrorDeployError(f"loss support {config.support} exceeds the {features.final_ids.shape[1]} "
                                 "final top-k ids collected", "collect features with a larger support")
     train, test = split_by_sequence(features, config.held_out, config.seed)
+    test = test.continuation_rows()
     ids, logprobs = train.final_ids[:, :config.support], train.final_logprobs[:, :config.support]
     translators, reports = {}, []
     for boundary in sorted(features.hidden):
         start = time.perf_counter()
-        translators[boundary] = train_translator(head, train.hidden[boundary], ids, logprobs, config)
+        translators[boundary] = train_translator(head, train.hidden[boundary], ids, logprobs, train.head_input, config)
         seconds = time.perf_counter() - start
         reports.append(evaluate(head, translators[boundary], boundary, train, test, config.kappa, seconds))
     return translators, reports
@@ -181,6 +217,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--boundaries", default=None, help="exit boundaries, e.g. 10,14,18,22 (default N/2)")
     parser.add_argument("--kappa", type=int, default=LensConfig.kappa)
     parser.add_argument("--support", type=int, default=LensConfig.support)
+    parser.add_argument("--negatives", type=int, default=LensConfig.negatives,
+                        help="hard negatives per row in the loss (0: the loss on the support alone)")
     parser.add_argument("--epochs", type=int, default=LensConfig.epochs)
     parser.add_argument("--lr", type=float, default=LensConfig.lr)
     parser.add_argument("--seed", type=int, default=LensConfig.seed)
@@ -204,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         boundaries = parse_boundaries(args.boundaries)
-        config = LensConfig(support=args.support, kappa=args.kappa, epochs=args.epochs, lr=args.lr, seed=args.seed)
+        config = LensConfig(support=args.support, negatives=args.negatives, kappa=args.kappa, epochs=args.epochs,
+                            lr=args.lr, seed=args.seed)
         translators, reports, timings = calibrate(args.model_dir, boundaries, config, args.prompts, args.new_tokens)
     except MirrorDeployError as err:
         print(f"error: {err}", file=sys.stderr)
