@@ -298,18 +298,24 @@ def learn_exit(
     from .tuning.translator import load_translators
 
     manifest = read_manifest(artifact)
+    trained_on = None
     if from_dir is not None:
         translators = load_translators(from_dir / "lens.safetensors")
         report_file = from_dir / "lens_report.json"
-        reports = ([BoundaryReport(**r) for r in json.loads(report_file.read_text())["boundaries"]]
-                   if report_file.is_file() else None)
+        report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+        reports = [BoundaryReport(**r) for r in report["boundaries"]] if report else None
+        trained_on = report.get("trained_on")
     else:
         config = LensConfig(kappa=manifest.kappa, epochs=epochs, seed=seed)
-        translators, reports, _ = calibrate(manifest.target["path"], manifest.exit_layers, config, prompts,
-                                            new_tokens, log=lambda text: err.print(text, highlight=False))
+        translators, reports, _, trained_on = calibrate(manifest.target["path"], manifest.exit_layers, config,
+                                                        prompts, new_tokens,
+                                                        log=lambda text: err.print(text, highlight=False))
     if reports:
         Console().print(format_table(reports, manifest.kappa), highlight=False)
-    layers = attach(artifact, translators, reports)
+    if trained_on is None:
+        err.print("[yellow]note:[/] the translators' training prompts are not recorded (an older lens report), so "
+                  "`tune` cannot keep them out of its statistics: the exits' hit rates it measures may be optimistic")
+    layers = attach(artifact, translators, reports, trained_on)
     err.print(f"[green]added[/] learned exits at layers {', '.join(map(str, layers))} to {artifact} "
               "(runs use them by default; GenerationConfig(learned_exit=False) for the logit lens)")
 

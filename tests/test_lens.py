@@ -13,8 +13,9 @@ from mirror_deploy.export.graphs import TargetSegment
 from mirror_deploy.export.loading import open_source
 from mirror_deploy.runtimes.kv import causal_mask
 from mirror_deploy.tiny import build_tiny_pair
+from mirror_deploy.tuning.attach import trained_on
 from mirror_deploy.tuning.calibration import (CATEGORIES, CalibrationPrompt, encode_prompts, generate_sequences,
-                                              load_prompts)
+                                              load_prompts, prompt_sha256)
 from mirror_deploy.tuning.features import FrozenHead, collect_features, shared_preamble, split_by_sequence
 from mirror_deploy.tuning.lens import LensConfig, fit_lens, hard_negatives, main, train_translator
 from mirror_deploy.tuning.translator import AffineTranslator, export_onnx, load_translators, save_translators
@@ -231,6 +232,9 @@ def test_learn_exit_attaches_to_an_artifact_and_stays_lossless(tmp_path):
     assert result.exit_code == 0, result.output
     engine = Engine(art)
     assert engine.target.graphs.adapters, "no learned exit was attached"
+    shipped = {prompt_sha256(p.text) for p in load_prompts()}
+    recorded = trained_on(art)     # the training split's prompts, for `tune` to keep out of its statistics
+    assert recorded and recorded < shipped
     report = check_artifact(art)
     rows = [r for r in report.rows if r.check == "parity learned exit"]
     assert report.ok and rows and all(r.result == PASS for r in rows), [r for r in report.rows if r.result != "PASS"]

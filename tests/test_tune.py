@@ -53,6 +53,27 @@ def test_tuning_is_deterministic_for_a_seed(tuned, tmp_path, monkeypatch):
     assert len({p.category for p in pick(prompts, 6, 3)}) == 6      # one per category first
 
 
+def test_the_learned_exits_training_prompts_are_measured_last(tiny_artifacts, tmp_path):
+    """Exit hit rates measured on the exits' own training text are optimistic: tune picks other prompts
+    first, and says when it has to use training prompts."""
+    from mirror_deploy.tuning.attach import TRAINED_ON_FILE
+    from mirror_deploy.tuning.calibration import prompt_sha256
+
+    folder = _copy(tiny_artifacts["llama"], tmp_path, "art")
+    prompts, _ = read_prompts()
+    fitting, _, _, _ = tune.encode_prompts(Engine(folder), tune.TuneOptions(prompts=len(prompts)), folder, QUIET)
+    held = {p.line for p in pick([p for p, _ in fitting], 6, seed=9)}    # one per category stays unseen
+    (folder / TRAINED_ON_FILE).write_text(json.dumps(
+        {"prompt_sha256": [prompt_sha256(p.prompt) for p in prompts if p.line not in held]}))
+    engine = Engine(folder)
+    chosen, _, _, overlap = tune.encode_prompts(engine, tune.TuneOptions(prompts=6), folder, QUIET)
+    assert {p.line for p, _ in chosen} == held and overlap == 0
+    console = Console(record=True, width=200)
+    chosen, _, _, overlap = tune.encode_prompts(engine, tune.TuneOptions(prompts=8), folder, console)
+    assert held < {p.line for p, _ in chosen} and len(chosen) == 8 and overlap == 2
+    assert "2 of the 8 calibration prompts trained" in console.export_text()
+
+
 def test_tune_records_its_figures_and_the_manifest_hash(tuned):
     folder, data = tuned
     manifest = json.loads((folder / "manifest.json").read_text())

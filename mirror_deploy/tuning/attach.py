@@ -18,14 +18,23 @@ from ..errors import MirrorDeployError
 from .translator import AffineTranslator, export_onnx, save_translators
 
 WEIGHTS_FILE = "exit_adapters.safetensors"
+TRAINED_ON_FILE = "exit_adapters_trained_on.json"   # sha256 of each calibration prompt that trained them
+
+
+def trained_on(folder: str | Path) -> set[str] | None:
+    """The prompts (sha256) the artifact's learned exits were trained on; None when unknown."""
+    path = Path(folder) / TRAINED_ON_FILE
+    return set(json.loads(path.read_text())["prompt_sha256"]) if path.is_file() else None
 
 
 def adapter_name(layer: int) -> str:
     return f"exit_adapter_{layer}"
 
 
-def attach(folder: str | Path, translators: dict[int, AffineTranslator], reports: list | None = None) -> list[int]:
-    """Write the translators for the artifact's exported exit layers; returns the layers attached."""
+def attach(folder: str | Path, translators: dict[int, AffineTranslator], reports: list | None = None,
+           trained_prompts: list[str] | None = None) -> list[int]:
+    """Write the translators for the artifact's exported exit layers; returns the layers attached.
+    `trained_prompts` (sha256 of each training prompt) lets `tune` measure the exits on other text."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     d = manifest.target["hidden_size"]
@@ -44,6 +53,11 @@ def attach(folder: str | Path, translators: dict[int, AffineTranslator], reports
         weights = Path(tempfile.mkstemp(prefix=".adapters-", suffix=".tmp", dir=folder)[1])
         written.append(weights)
         save_translators(chosen, weights)
+        prompts = None
+        if trained_prompts is not None:
+            prompts = folder / f".{TRAINED_ON_FILE}.tmp"
+            written.append(prompts)
+            prompts.write_text(json.dumps({"prompt_sha256": sorted(trained_prompts)}, indent=1))
         staged = {}
         for b, translator in sorted(chosen.items()):
             tmp = folder / f".{adapter_name(b)}.onnx.tmp"
@@ -53,13 +67,20 @@ def attach(folder: str | Path, translators: dict[int, AffineTranslator], reports
         for b, tmp in staged.items():   # every file complete: move into place, then the manifest
             tmp.replace(folder / f"{adapter_name(b)}.onnx")
         weights.replace(folder / WEIGHTS_FILE)
+        if prompts is not None:
+            prompts.replace(folder / TRAINED_ON_FILE)
+        elif (folder / TRAINED_ON_FILE).exists():      # these translators' training text is unknown
+            (folder / TRAINED_ON_FILE).unlink()
         for name in [k for k in manifest.graphs if k.startswith("exit_adapter_")]:
             del manifest.graphs[name]
         for b in staged:
             onnx_file = folder / f"{adapter_name(b)}.onnx"
+            hashes = {onnx_file.name: sha256_file(onnx_file), WEIGHTS_FILE: sha256_file(folder / WEIGHTS_FILE)}
+            if prompts is not None:
+                hashes[TRAINED_ON_FILE] = sha256_file(folder / TRAINED_ON_FILE)
             manifest.graphs[adapter_name(b)] = GraphEntry(
                 file=onnx_file.name, format="onnx",
-                sha256={onnx_file.name: sha256_file(onnx_file), WEIGHTS_FILE: sha256_file(folder / WEIGHTS_FILE)},
+                sha256=hashes,
                 inputs=[{"name": "hidden_states", "dtype": "float32", "shape": [1, "rows", d]}],
                 outputs=[{"name": "adapted", "dtype": "float32", "shape": [1, "rows", d]}],
                 layers=[b, b])

@@ -31,6 +31,11 @@ class CalibrationPrompt:
     text: str
 
 
+def prompt_sha256(text: str) -> str:
+    """How a calibration prompt is named across files (the learned exit's training set, tune's pick)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 @dataclass(frozen=True)
 class CalibrationSequence:
     """Prompt ids followed by the model's greedy continuation; positions >= prompt_len - 1 predict

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import MirrorDeployError
-from .calibration import cached_sequences, load_prompts
+from .calibration import cached_sequences, load_prompts, prompt_sha256
 from .features import Features, FrozenHead, cached_features, check_boundaries, split_by_sequence
 from .translator import AffineTranslator, export_onnx, save_translators
 
@@ -183,7 +183,8 @@ def format_table(reports: list[BoundaryReport], kappa: int) -> str:
 
 def calibrate(model_dir: str | Path, boundaries: list[int] | None, config: LensConfig = LensConfig(),
               prompts: str | Path | None = None, new_tokens: int = 96, log=print):
-    """End to end on a checkpoint folder: calibration text, features, translators, report."""
+    """End to end on a checkpoint folder: calibration text, features, translators, report, and the
+    sha256 of every prompt whose text trained them (`tune` keeps those out of its own statistics)."""
     from ..export.loading import open_source
     source = open_source(model_dir, "target")
     boundaries = check_boundaries(boundaries or [source.config.num_hidden_layers // 2], source.config.num_hidden_layers)
@@ -203,12 +204,15 @@ def calibrate(model_dir: str | Path, boundaries: list[int] | None, config: LensC
     timings["collect_s"] = time.perf_counter() - start
     head = FrozenHead.of(model)
     source.model = model = None       # the decoder's weights are no longer needed: free them
-    log(f"calibration: {len(sequences)} sequences, {features.rows} continuation tokens "
+    log(f"calibration: {len(sequences)} sequences, {int(features.continuation.sum())} continuation tokens "
+        f"(+{int((~features.continuation).sum())} prompt rows for training) "
         f"(load {timings['load_s']:.0f} s, generate {timings['generate_s']:.0f} s, collect {timings['collect_s']:.0f} s)")
     start = time.perf_counter()
     translators, reports = fit_lens(features, head, config)
     timings["fit_s"] = time.perf_counter() - start
-    return translators, reports, timings
+    train, _ = split_by_sequence(features, config.held_out, config.seed)
+    trained_on = sorted({prompt_sha256(prompt_set[i].text) for i in set(train.sequence.tolist())})
+    return translators, reports, timings, trained_on
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -244,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         boundaries = parse_boundaries(args.boundaries)
         config = LensConfig(support=args.support, negatives=args.negatives, kappa=args.kappa, epochs=args.epochs,
                             lr=args.lr, seed=args.seed)
-        translators, reports, timings = calibrate(args.model_dir, boundaries, config, args.prompts, args.new_tokens)
+        translators, reports, timings, trained_on = calibrate(args.model_dir, boundaries, config, args.prompts,
+                                                              args.new_tokens)
     except MirrorDeployError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -256,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         save_translators(translators, out / "lens.safetensors")
         for b, tr in translators.items():
             export_onnx(tr, out / f"lens_boundary_{b}.onnx")
-        report = {"config": asdict(config), "timings": timings, "boundaries": [asdict(r) for r in reports]}
+        report = {"config": asdict(config), "timings": timings, "boundaries": [asdict(r) for r in reports],
+                  "trained_on": trained_on}
         (out / "lens_report.json").write_text(json.dumps(report, indent=2))
         print(f"wrote {out}")
     return 0

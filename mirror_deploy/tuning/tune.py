@@ -29,6 +29,8 @@ from . import model
 from .costs import curve_contexts, measure_curves
 from .curves import Curves
 from .model import MirrorConfig
+from .attach import trained_on
+from .calibration import prompt_sha256
 from .prompts import SHIPPED, pick, read_prompts
 from .search import evaluate, kappa_candidates, predict_mirror, replays, statistics, top
 from .store import TUNING_VERSION, write_tuning
@@ -89,9 +91,18 @@ def encode_prompts(engine: Engine, opts: TuneOptions, source: Path, console: Con
     if passed:
         console.print(f"[yellow]note:[/] passed over {passed} shipped calibration prompt(s) longer than the "
                       f"artifact's KV capacity {m.max_context} allows")
-    chosen = pick([p for p, _ in fitting], opts.prompts, opts.seed)
+    # The learned exits' training prompts are kept for last: measured on their own training text, the
+    # exits' hit rates come out optimistic, and the choice of ℓe would follow them.
+    trained = trained_on(engine.folder) or set()
+    unseen = [p for p, _ in fitting if prompt_sha256(p.prompt) not in trained]
+    chosen = pick(unseen, opts.prompts, opts.seed)
+    overlap = pick([p for p, _ in fitting if prompt_sha256(p.prompt) in trained], opts.prompts - len(chosen),
+                   opts.seed) if len(chosen) < opts.prompts and len(unseen) < len(fitting) else []
+    if overlap:
+        console.print(f"[yellow]note:[/] {len(overlap)} of the {len(chosen) + len(overlap)} calibration prompts trained "
+                      "the artifact's learned exits: the exits' hit rates measured on them are optimistic")
     ids_of = {p.line: ids for p, ids in fitting}
-    return [(p, ids_of[p.line]) for p in chosen], sha, chat
+    return [(p, ids_of[p.line]) for p in chosen + overlap], sha, chat, len(overlap)
 
 
 def probe_overheads(engine: Engine, prompt_ids: list[int], tokens: int) -> dict[str, float]:
@@ -152,7 +163,7 @@ def tune_artifact(folder: Path, opts: TuneOptions, console: Console | None = Non
 def _tune(engine: Engine, folder: Path, opts: TuneOptions, console: Console) -> dict:
     m = engine.manifest
     source = opts.calibration or SHIPPED
-    encoded, prompts_sha, chat = encode_prompts(engine, opts, source, console)
+    encoded, prompts_sha, chat, overlap = encode_prompts(engine, opts, source, console)
     with _progress(console) as progress:
         task = progress.add_task("calibration text (target continuations)", total=len(encoded))
         sequences = []
@@ -174,15 +185,16 @@ def _tune(engine: Engine, folder: Path, opts: TuneOptions, console: Console) -> 
         checked = sequences[:opts.measure_prompts]
         task = progress.add_task("check: every mode on calibration prompts", total=len(checked) * len(MODES))
         measured = measure_modes(engine, checked, mirror, sd_gamma, lambda: progress.advance(task)) if checked else {}
-    data = _record(engine, opts, source, prompts_sha, chat, sequences, curves, overhead, grid, mirror, sd_gamma,
+    data = _record(engine, opts, source, (prompts_sha, overlap), chat, sequences, curves, overhead, grid, mirror, sd_gamma,
                    checked, measured)
     write_tuning(folder, data, engine.profile.to_dict())
     return data
 
 
-def _record(engine, opts, source, prompts_sha, chat, sequences, curves, overhead, grid, mirror, sd_gamma,
+def _record(engine, opts, source, prompts, chat, sequences, curves, overhead, grid, mirror, sd_gamma,
             checked, measured) -> dict:
     m = engine.manifest
+    prompts_sha, overlap = prompts
     predicted = {"ar": grid.ar, "sd": grid.sd[sd_gamma], "mirror": grid.best_mirror[0]}
     bound = model.zero_draft_bound(curves, grid.steps[mirror.gamma], mirror.gamma)
     check = {}
@@ -210,7 +222,7 @@ def _record(engine, opts, source, prompts_sha, chat, sequences, curves, overhead
         "seed": opts.seed,
         "calibration": {"file": "shipped" if opts.calibration is None else str(source), "sha256": prompts_sha,
                         "prompts": [s.category for s in sequences], "new_tokens": opts.new_tokens, "chat": chat,
-                        "tokens_sha256": tokens_sha},
+                        "tokens_sha256": tokens_sha, "learned_exit_training_prompts": overlap},
         "choice": {"mirror": asdict(mirror), "sd": {"gamma": sd_gamma},
                    "best_mode": max(predicted, key=predicted.get)},
         "predicted_tokens_per_s": predicted,
