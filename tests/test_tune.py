@@ -231,3 +231,13 @@ def test_interrupted_tune_leaves_the_artifact_as_it_was(tuned, tmp_path, monkeyp
         store.write_tuning(folder, edited)
     monkeypatch.undo()
     assert len(renamed) == 2 and Engine(folder, load_draft=False).tuning["seed"] == 99
+
+
+def test_bench_exits_runs_mirror_configs_beside_sd(tiny_artifacts, capsys):
+    from mirror_deploy.bench import exits
+    assert exits.main([str(tiny_artifacts["llama"]), "--configs", "2:2", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("  ")[0].strip(): line for line in out.splitlines() if "tok/s" in line}
+    assert set(rows) == {"sd", "mirror (tuned)", "mirror ℓe=2 γ=2"} and "× sd 1.000" in rows["sd"]
+    assert exits.main([str(tiny_artifacts["llama"]), "--configs", "14"]) == 2
+    assert "EXIT:GAMMA" in capsys.readouterr().err
