@@ -213,7 +213,7 @@ def bench(
 
     from .bench import runner
     from .bench.methods import EngineMethod
-    from .bench.specbench import load_prompts
+    from .bench.specbench import load_prompts, prompt_room
     from .decoding.engine import Engine
 
     engine = Engine(artifact, profile)
@@ -234,7 +234,7 @@ def bench(
         from .bench.peers import make_peers
         peer_factories = make_peers([p for p in peers.split(",") if p], engine.manifest)
     m = engine.manifest
-    room = m.max_context - max_new_tokens - ((gamma or m.gamma) + 1) * ((branch_budget or m.branch_batch) + 2) - 1
+    room = prompt_room(m, max_new_tokens, gamma, branch_budget)
     room = min(room, max_prompt_tokens or room)
     prompts, skipped = load_prompts(engine.tokenizer, per_task, specbench, max_tokens=room)
     if skipped:

@@ -233,11 +233,16 @@ def test_interrupted_tune_leaves_the_artifact_as_it_was(tuned, tmp_path, monkeyp
     assert len(renamed) == 2 and Engine(folder, load_draft=False).tuning["seed"] == 99
 
 
-def test_bench_exits_runs_mirror_configs_beside_sd(tiny_artifacts, capsys):
+def test_bench_exits_runs_mirror_configs_beside_sd(tiny_artifacts, tmp_path, capsys):
     from mirror_deploy.bench import exits
-    assert exits.main([str(tiny_artifacts["llama"]), "--configs", "2:2", "--max-new-tokens", "6"]) == 0
-    out = capsys.readouterr().out
-    rows = {line.split("  ")[0].strip(): line for line in out.splitlines() if "tok/s" in line}
-    assert set(rows) == {"sd", "mirror (tuned)", "mirror ℓe=2 γ=2"} and "× sd 1.000" in rows["sd"]
+    out = tmp_path / "exits"
+    assert exits.main([str(tiny_artifacts["llama"]), "--configs", "2:2", "--max-new-tokens", "6",
+                       "--out", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    methods = ["ar", "sd", "mirror", "mirror@2:2"]
+    assert {r["method"] for r in records} == set(methods)
+    assert all(r["figures"]["mean_window"] <= 2 for r in records if r["method"] == "mirror@2:2")   # γ = 2 held
+    table = capsys.readouterr().out
+    assert all(f"| {m} |" in table for m in methods)
     assert exits.main([str(tiny_artifacts["llama"]), "--configs", "14"]) == 2
     assert "EXIT:GAMMA" in capsys.readouterr().err

@@ -1,17 +1,21 @@
-"""Mirror at several (ℓe, γ) side by side with SD on SpecBench: `python -m mirror_deploy.bench.exits DIR
---configs 14:4,22:2,18:3`. Each prompt runs every configuration, the order rotating per prompt; totals
-are tokens ÷ decode seconds over all prompts, printed as ratios to SD from the same run. It answers
-whether a better exit (or another tuned choice) buys speed on the benchmark, not only in the latency model.
+"""Mirror at several (ℓe, γ) side by side with AR, SD and the tuned Mirror on SpecBench, through the
+`bench` runner (methods interleaved prompt by prompt, results.jsonl, the same summary tables):
+`python -m mirror_deploy.bench.exits DIR --configs 14:4,22:2,18:3`. It answers whether a better exit (or
+another tuned choice) buys speed on the benchmark, not only in the latency model.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from ..decoding.config import GenerationConfig
+from rich.console import Console
+
 from ..decoding.engine import Engine
 from ..errors import MirrorDeployError
-from .specbench import load_prompts
+from . import runner
+from .methods import EngineMethod
+from .specbench import load_prompts, prompt_room
 
 
 def parse_configs(text: str) -> list[tuple[int, int]]:
@@ -24,42 +28,40 @@ def parse_configs(text: str) -> list[tuple[int, int]]:
     return pairs
 
 
+def exit_methods(engine: Engine, configs: list[tuple[int, int]]) -> list[EngineMethod]:
+    """ar (the tables' reference), sd, the tuned mirror, then mirror at each (ℓe, γ), named mirror@ℓe:γ."""
+    methods = [EngineMethod(engine, name) for name in ("ar", "sd", "mirror")]
+    for exit_layer, gamma in configs:
+        method = EngineMethod(engine, "mirror", exit_layer=exit_layer, gamma=gamma)
+        method.name = f"mirror@{exit_layer}:{gamma}"
+        methods.append(method)
+    return methods
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mirror_deploy.bench.exits", description=__doc__.split("\n")[0])
     parser.add_argument("artifact")
     parser.add_argument("--configs", default="14:4,22:2", help="Mirror settings EXIT:GAMMA, comma-separated")
     parser.add_argument("--per-task", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=Path("bench-results/exits"))
     args = parser.parse_args(argv)
+    err = Console(stderr=True)
     try:
+        configs = parse_configs(args.configs)
         engine = Engine(args.artifact)
-        n = args.max_new_tokens
-        configs = {"sd": GenerationConfig(max_new_tokens=n, mode="sd"),
-                   "mirror (tuned)": GenerationConfig(max_new_tokens=n, mode="mirror")}
-        for exit_layer, gamma in parse_configs(args.configs):
-            configs[f"mirror ℓe={exit_layer} γ={gamma}"] = GenerationConfig(
-                max_new_tokens=n, mode="mirror", exit_layer=exit_layer, gamma=gamma)
-        m = engine.manifest   # prompts that fit the KV capacity at the artifact's largest window and batch
-        room = m.max_context - n - (m.gamma + 1) * (m.branch_batch + 2) - 1
+        room = prompt_room(engine.manifest, args.max_new_tokens)
         prompts, skipped = load_prompts(engine.tokenizer, args.per_task, max_tokens=room)
         if skipped:
-            print(f"skipped {skipped} prompt(s) longer than {room} tokens (the artifact's KV capacity)",
-                  file=sys.stderr)
-        totals = {name: [0, 0.0] for name in configs}
-        for i, prompt in enumerate(prompts):
-            names = list(configs)
-            names = names[i % len(names):] + names[:i % len(names)]
-            for name in names:
-                summary = engine.generate(prompt.ids, configs[name]).summary
-                totals[name][0] += summary["new_tokens"]
-                totals[name][1] += summary["decode_s"]
-            print(f"{prompt.task}: done", file=sys.stderr, flush=True)
-    except MirrorDeployError as err:
-        print(f"error: {err}", file=sys.stderr)
+            err.print(f"note: passed over {skipped} prompt(s) longer than {room} tokens (the artifact's KV capacity)")
+        records = runner.run(exit_methods(engine, configs), prompts, runner.BenchSettings(args.max_new_tokens),
+                             args.out, err)
+    except MirrorDeployError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
-    sd = totals["sd"][0] / totals["sd"][1]
-    for name, (tokens, seconds) in totals.items():
-        print(f"{name:24s} {tokens / seconds:6.2f} tok/s  × sd {tokens / seconds / sd:.3f}")
+    summary = runner.summarise(records)
+    runner.write_outputs(summary, args.out)
+    print(runner.markdown(summary))
     return 0
 
 

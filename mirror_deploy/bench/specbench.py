@@ -31,6 +31,13 @@ def task_of(category: str) -> str:
     return "mt_bench" if category in MT_BENCH else category
 
 
+def prompt_room(manifest, max_new_tokens: int, gamma: int | None = None, branch_budget: int | None = None) -> int:
+    """The longest prompt that leaves the KV capacity room for the generation and the widest step (γ + 1
+    window rows, and the draft's branches beside them)."""
+    return (manifest.max_context - max_new_tokens
+            - ((gamma or manifest.gamma) + 1) * ((branch_budget or manifest.branch_batch) + 2) - 1)
+
+
 def load_prompts(tokenizer, per_task: int = 1, path: Path | None = None, chat: bool = True,
                  tasks: tuple[str, ...] = TASKS, max_tokens: int | None = None) -> tuple[list[BenchPrompt], int]:
     """`per_task` questions of each task, spread over the task's list (every k-th), skipping those

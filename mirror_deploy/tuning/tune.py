@@ -28,9 +28,9 @@ from ..errors import MirrorDeployError
 from . import model
 from .costs import curve_contexts, measure_curves
 from .curves import Curves
-from .model import MirrorConfig
 from .attach import trained_on
 from .calibration import prompt_sha256
+from .model import MirrorConfig
 from .prompts import SHIPPED, pick, read_prompts
 from .search import evaluate, kappa_candidates, predict_mirror, replays, statistics, top
 from .store import TUNING_VERSION, write_tuning
@@ -185,16 +185,15 @@ def _tune(engine: Engine, folder: Path, opts: TuneOptions, console: Console) -> 
         checked = sequences[:opts.measure_prompts]
         task = progress.add_task("check: every mode on calibration prompts", total=len(checked) * len(MODES))
         measured = measure_modes(engine, checked, mirror, sd_gamma, lambda: progress.advance(task)) if checked else {}
-    data = _record(engine, opts, source, (prompts_sha, overlap), chat, sequences, curves, overhead, grid, mirror, sd_gamma,
-                   checked, measured)
+    data = _record(engine, opts, source, prompts_sha, chat, sequences, curves, overhead, grid, mirror, sd_gamma,
+                   checked, measured, exit_training_prompts=overlap)
     write_tuning(folder, data, engine.profile.to_dict())
     return data
 
 
-def _record(engine, opts, source, prompts, chat, sequences, curves, overhead, grid, mirror, sd_gamma,
-            checked, measured) -> dict:
+def _record(engine, opts, source, prompts_sha, chat, sequences, curves, overhead, grid, mirror, sd_gamma,
+            checked, measured, exit_training_prompts: int) -> dict:
     m = engine.manifest
-    prompts_sha, overlap = prompts
     predicted = {"ar": grid.ar, "sd": grid.sd[sd_gamma], "mirror": grid.best_mirror[0]}
     bound = model.zero_draft_bound(curves, grid.steps[mirror.gamma], mirror.gamma)
     check = {}
@@ -222,7 +221,7 @@ def _record(engine, opts, source, prompts, chat, sequences, curves, overhead, gr
         "seed": opts.seed,
         "calibration": {"file": "shipped" if opts.calibration is None else str(source), "sha256": prompts_sha,
                         "prompts": [s.category for s in sequences], "new_tokens": opts.new_tokens, "chat": chat,
-                        "tokens_sha256": tokens_sha, "learned_exit_training_prompts": overlap},
+                        "tokens_sha256": tokens_sha, "learned_exit_training_prompts": exit_training_prompts},
         "choice": {"mirror": asdict(mirror), "sd": {"gamma": sd_gamma},
                    "best_mode": max(predicted, key=predicted.get)},
         "predicted_tokens_per_s": predicted,
