@@ -246,3 +246,6 @@ def test_bench_exits_runs_mirror_configs_beside_sd(tiny_artifacts, tmp_path, cap
     assert all(f"| {m} |" in table for m in methods)
     assert exits.main([str(tiny_artifacts["llama"]), "--configs", "14"]) == 2
     assert "EXIT:GAMMA" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    assert exits.main([str(tiny_artifacts["llama"]), "--configs", "99:2", "--out", str(bad)]) == 2
+    assert "exit layer 99 was not exported" in capsys.readouterr().err and not bad.exists()

@@ -54,8 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         prompts, skipped = load_prompts(engine.tokenizer, args.per_task, max_tokens=room)
         if skipped:
             err.print(f"note: passed over {skipped} prompt(s) longer than {room} tokens (the artifact's KV capacity)")
-        records = runner.run(exit_methods(engine, configs), prompts, runner.BenchSettings(args.max_new_tokens),
-                             args.out, err)
+        methods = exit_methods(engine, configs)
+        for method in methods if prompts else []:
+            # One token each first: a setting the artifact cannot run (an exit it did not export, a γ past
+            # its capacity) fails on the engine's own checks before anything is written.
+            method.generate(prompts[0].ids, 1)
+        records = runner.run(methods, prompts, runner.BenchSettings(args.max_new_tokens), args.out, err)
     except MirrorDeployError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
