@@ -86,6 +86,22 @@ def test_mirror_sizes_its_budget_from_the_needed_ranks():
     assert policy.plan(50).budget == 0
 
 
+def test_a_draft_that_stops_agreeing_is_dropped_even_when_windows_cost_little():
+    """Windows cost 4% more than an autoregressive step, inside the switch margin: the model's error
+    band alone would keep a draft that never agrees. Its vanishing gain must not."""
+    policy = _policy(acceptance=0.75, start=1, curves=_curves(target_row_ms=(100, 101, 102, 103, 104),
+                                                             draft_ms=(3, 3, 3, 3, 3)))
+    lengths = []
+    for _ in range(40):
+        plan = policy.plan(50)
+        lengths.append(plan.length)
+        policy.observe(0, plan.length)
+    spec = lengths[:CostAwareWindow.MAX_REJECTED]
+    assert min(spec) > 0, lengths
+    after = lengths[len(spec):]
+    assert set(after) <= {0, 1} and after.count(1) <= 3, lengths   # autoregressive, but for probes
+
+
 def test_measured_step_times_correct_the_tuned_curves():
     """The curves say windows of 2 pay; the run's steps take twice as long as predicted, while the
     target alone runs as predicted: the policy must see that and drop to autoregressive steps."""

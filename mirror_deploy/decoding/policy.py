@@ -13,7 +13,8 @@ choice only decides how much is drafted, never what is committed, so every polic
   machine and the moment `tune` ran on; the run's own step times correct them: one factor for the target
   alone (from autoregressive steps, SD's target calls and Mirror's prefix), which scales the
   autoregressive estimate, and one for whole speculative steps (contention between the two devices
-  included), which scales every window's.
+  included), which scales every window's. Eight windows in a row with nothing accepted end
+  speculation whatever the costs say.
 """
 from __future__ import annotations
 
@@ -119,6 +120,7 @@ class CostAwareWindow:
     SWITCH_MARGIN = 1.10
     BUCKET = 32            # costs are recomputed when the context crosses a bucket
     MIN_WAIT, MAX_WAIT = 4, 64   # autoregressive steps before a probe window, doubling per failed probe
+    MAX_REJECTED = 8       # windows in a row with nothing accepted (a draft at 30% does this 6% of the time)
 
     def __init__(self, mode: str, costs: TunedCosts, gamma: int, budget: int, start: int,
                  exit_layer: int | None = None, kappa: int | None = None):
@@ -129,7 +131,7 @@ class CostAwareWindow:
         self.target_speed, self.spec_speed = DecayedRatio(), DecayedRatio()   # measured ÷ the curves
         self.current = Plan(min(start, gamma), budget)
         self._bucket, self._table = None, None
-        self.idle_steps, self.wait, self.passed = 0, self.MIN_WAIT, False
+        self.idle_steps, self.wait, self.passed, self.rejected_run = 0, self.MIN_WAIT, False, 0
         self.state = "spec" if self.current.length else "idle"   # spec, idle, probe (sent), verdict (awaited)
 
     # -- observations ------------------------------------------------------------------------
@@ -143,6 +145,7 @@ class CostAwareWindow:
                 self.passed, self.idle_steps = True, self.MAX_WAIT
         if accepted:
             self.wait = self.MIN_WAIT    # the draft agrees again: probing is cheap
+        self.rejected_run = 0 if accepted else self.rejected_run + 1
         depth = np.arange(1, self.gamma + 1)
         self.accept.add((depth <= accepted).astype(float), (depth <= min(accepted + 1, drafted)).astype(float))
 
@@ -161,7 +164,11 @@ class CostAwareWindow:
             self.target_speed.add(1e3 * step_s, hit[0, 0])
             return
         if drafted:
-            self.target_speed.add(1e3 * target_s, target[drafted])
+            # The measured call carries its Python wrapper, which the curves (graph time) lack: add the
+            # autoregressive step's per-step overhead, an upper bound for it, so that on a tiny model a
+            # wrapper that outweighs the graph cannot make the target look slow (it errs towards
+            # autoregressive steps, by an amount a real model's step does not notice).
+            self.target_speed.add(1e3 * target_s, target[drafted] + self.costs.overhead_ms["ar"])
         if drafted == plan.length:
             column = plan.budget if self.mode == "mirror" else 0
             table = miss if self.mode == "mirror" and not reused else hit
@@ -209,6 +216,9 @@ class CostAwareWindow:
         ms = p * hit_ms + (1 - p) * miss_ms
         ms[0] *= self.target_speed.factor()
         ms[1:] *= self.spec_speed.factor()
+        # A window verifies the autoregressive step's row and more: however the two corrections drift
+        # apart, it cannot be the cheaper step.
+        ms[1:] = np.maximum(ms[1:], ms[0])
         return 1e3 * self.expected_tokens()[:, None] / ms
 
     def plan(self, context: int) -> Plan:
@@ -223,6 +233,11 @@ class CostAwareWindow:
             stay = (0, 0) if idle else self._argmax(rate[1:], 1)
             if rate[best] < self.SWITCH_MARGIN * rate[stay]:
                 best = stay
+        if best[0] and self.state == "spec" and self.rejected_run >= self.MAX_REJECTED:
+            # The decayed estimate keeps part of the calibration prior, and where windows cost little
+            # more than an autoregressive step the model's error band would keep a draft that has
+            # stopped agreeing: a run of whole rejections ends speculation (probes bring it back).
+            best = (0, 0)
         best = self._gate(best, rate)
         self.idle_steps = self.idle_steps + 1 if best[0] == 0 else 0
         self.current = Plan(best[0], best[1] if self.mode == "mirror" else self.budget)
