@@ -73,14 +73,14 @@ def attach(folder: str | Path, translators: dict[int, AffineTranslator], reports
             (folder / TRAINED_ON_FILE).unlink()
         for name in [k for k in manifest.graphs if k.startswith("exit_adapter_")]:
             del manifest.graphs[name]
+        shared = {WEIGHTS_FILE: sha256_file(folder / WEIGHTS_FILE)}   # in every adapter's entry
+        if prompts is not None:
+            shared[TRAINED_ON_FILE] = sha256_file(folder / TRAINED_ON_FILE)
         for b in staged:
             onnx_file = folder / f"{adapter_name(b)}.onnx"
-            hashes = {onnx_file.name: sha256_file(onnx_file), WEIGHTS_FILE: sha256_file(folder / WEIGHTS_FILE)}
-            if prompts is not None:
-                hashes[TRAINED_ON_FILE] = sha256_file(folder / TRAINED_ON_FILE)
             manifest.graphs[adapter_name(b)] = GraphEntry(
                 file=onnx_file.name, format="onnx",
-                sha256=hashes,
+                sha256={onnx_file.name: sha256_file(onnx_file), **shared},
                 inputs=[{"name": "hidden_states", "dtype": "float32", "shape": [1, "rows", d]}],
                 outputs=[{"name": "adapted", "dtype": "float32", "shape": [1, "rows", d]}],
                 layers=[b, b])

@@ -22,8 +22,8 @@ from rich.table import Table
 from ..decoding.engine import Engine
 from ..errors import MirrorDeployError
 from .prompts import SHIPPED
-from .search import kappa_candidates
-from .simulate import coverage, needed_ranks, replay
+from .search import Grid, replays
+from .simulate import coverage
 from .teacher import Sequence, measure_sequence
 from .tune import TuneOptions, encode_prompts
 
@@ -36,17 +36,17 @@ def calibration_sequences(engine: Engine, prompts: int, new_tokens: int, console
         return [measure_sequence(engine, ids, new_tokens, p.category) for p, ids in encoded]
 
 
-def coverage_rows(sequences: list[Sequence], gammas: list[int], layers: list[int], kappas: list[int],
-                  budgets: list[int]) -> list[dict]:
-    rows = []
-    for gamma in gammas:
-        steps = replay(sequences, gamma)
-        for layer in layers:
-            for kappa in kappas:
-                ranks = needed_ranks(sequences, steps, layer, kappa, gamma)
-                rows.append({"gamma": gamma, "exit_layer": layer, "kappa": kappa, "steps": len(ranks),
-                             "coverage": {str(b): v for b, v in coverage(ranks, budgets).items()}})
-    return rows
+def coverage_rows(grid: Grid, gammas: list[int], budgets: list[int]) -> list[dict]:
+    """Per (γ, ℓe, κ) of tune's replays (`search.replays`): coverage at every budget."""
+    return [{"gamma": gamma, "exit_layer": layer, "kappa": kappa, "steps": len(ranks),
+             "coverage": {str(b): v for b, v in coverage(ranks, budgets).items()}}
+            for (layer, kappa, gamma), ranks in sorted(grid.ranks.items(), key=_by_gamma_then_exit)
+            if gamma in gammas]
+
+
+def _by_gamma_then_exit(item) -> tuple[int, int, int]:
+    (layer, kappa, gamma), _ = item
+    return gamma, layer, kappa
 
 
 def exit_agreement_rows(sequences: list[Sequence], layers: list[int]) -> list[dict]:
@@ -55,8 +55,8 @@ def exit_agreement_rows(sequences: list[Sequence], layers: list[int]) -> list[di
     for layer in layers:
         accepted, top1 = [], []
         for s in sequences:
-            n = len(s.agree)
-            accepted.append(np.asarray(s.agree[:n], bool))
+            n = len(s.agree)          # the exit and draft rows line up with the agreement positions
+            accepted.append(np.asarray(s.agree, bool))
             top1.append(np.asarray(s.exit_ids[layer][:n, 0]) == np.asarray(s.draft_top[:n]))
         a, t = np.concatenate(accepted), np.concatenate(top1)
         rate = lambda mask: float(a[mask].mean()) if mask.any() else None   # noqa: E731
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             raise MirrorDeployError(f"--gammas reaches {max(gammas)} but the artifact drafts at most γ={m.gamma}",
                                     f"use window lengths up to {m.gamma}")
         sequences = calibration_sequences(engine, args.prompts, args.new_tokens, console)
-        cover = coverage_rows(sequences, gammas, m.exit_layers, kappa_candidates(m.kappa), budgets)
+        cover = coverage_rows(replays(sequences, m.exit_layers, m.kappa, max(gammas)), gammas, budgets)
         agreement = exit_agreement_rows(sequences, m.exit_layers)
     except MirrorDeployError as err:
         print(f"error: {err}", file=sys.stderr)

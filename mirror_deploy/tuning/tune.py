@@ -97,7 +97,7 @@ def encode_prompts(engine: Engine, opts: TuneOptions, source: Path, console: Con
     unseen = [p for p, _ in fitting if prompt_sha256(p.prompt) not in trained]
     chosen = pick(unseen, opts.prompts, opts.seed)
     overlap = pick([p for p, _ in fitting if prompt_sha256(p.prompt) in trained], opts.prompts - len(chosen),
-                   opts.seed) if len(chosen) < opts.prompts and len(unseen) < len(fitting) else []
+                   opts.seed) if len(chosen) < opts.prompts else []
     if overlap:
         console.print(f"[yellow]note:[/] {len(overlap)} of the {len(chosen) + len(overlap)} calibration prompts trained "
                       "the artifact's learned exits: the exits' hit rates measured on them are optimistic")
