@@ -162,7 +162,7 @@ def _check_fused_target(folder: Path, m: Manifest, intact: set[str], report: Che
 
 def _check_tuning(folder: Path, m: Manifest, report: CheckReport) -> None:
     """tuning.json (when `mirror-deploy tune` ran): its hash, and choices the artifact can run."""
-    from .tuning.store import read_tuning
+    from .costs.tuned import read_tuning
     if not m.tuning:
         report.add("tuning", "tuning.json", True, "not tuned: runs use the manifest's defaults "
                    "(`mirror-deploy tune DIR` measures and chooses settings)")

@@ -107,20 +107,6 @@ def devices():
     print_devices(Console())
 
 
-def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
-    if prompt is not None and prompt_file is not None:
-        raise MirrorDeployError("both --prompt and --prompt-file were given", "pass one of them")
-    if prompt_file is not None:
-        if not prompt_file.is_file():
-            raise MirrorDeployError(f"prompt file {prompt_file} does not exist", "check the path")
-        return prompt_file.read_text()
-    if prompt is not None:
-        return prompt
-    if sys.stdin.isatty():
-        raise MirrorDeployError("no prompt given", "pass --prompt TEXT, --prompt-file FILE, or pipe text in")
-    return sys.stdin.read()
-
-
 @app.command()
 @friendly
 def run(
@@ -152,29 +138,13 @@ def run(
     trace: Optional[Path] = typer.Option(None, help="Write a per-step JSONL trace here."),
 ):
     """Generate from a prompt, streaming text as tokens are committed."""
-    import json
-
     from .decoding.config import GenerationConfig
-    from .decoding.engine import Engine
-    from .report import TextStream, print_stats
+    from .report import read_prompt, run_prompt
 
     cfg = GenerationConfig(max_new_tokens, temperature, top_k, top_p, seed, mode, schedule, verify_rule,
                            branch_budget, gamma, exit_layer=exit_layer, kappa=kappa,
                            adaptive_gamma=adaptive_gamma).validate()
-    text = _read_prompt(prompt, prompt_file)
-    engine = Engine(artifact, profile)
-    stream = None if json_out or engine.tokenizer is None else TextStream(engine.tokenizer)
-    result = engine.generate(text, cfg, chat=chat, on_tokens=stream)
-    if stream is not None:
-        stream.close()
-    if trace is not None:
-        trace.write_text("".join(line + "\n" for line in result.metrics.trace_lines()))
-    if json_out:
-        config = {**vars(cfg), "mode": result.summary["mode"]}   # the mode it ran, tuned or named
-        record = {"text": result.text, "tokens": result.tokens, "config": config, "metrics": result.summary}
-        typer.echo(json.dumps(record))
-    if stats:
-        print_stats({result.summary["mode"]: result.summary})
+    run_prompt(artifact, profile, read_prompt(prompt, prompt_file), cfg, chat, json_out, stats, trace)
 
 
 @app.command()
@@ -209,52 +179,13 @@ def bench(
     rounds: int = typer.Option(7, help="--anatomy: interleaved rounds (medians)."),
 ):
     """SpecBench: our modes (and peers) on the same prompts, interleaved; tables per task and overall."""
-    from rich.console import Console
-
-    from .bench import runner
-    from .bench.methods import EngineMethod
-    from .bench.specbench import load_prompts, prompt_room
-    from .decoding.engine import Engine
-
-    engine = Engine(artifact, profile)
+    from .bench.specbench_run import BenchRequest, run_anatomy, run_specbench
     if anatomy:
-        from .bench.anatomy import anatomy as measure, print_anatomy
-        print_anatomy(measure(engine, context, rounds), engine, context, Console())
+        run_anatomy(artifact, profile, context, rounds)
         return
-    names = [m for m in modes.split(",") if m]
-    unknown = [m for m in names if not EngineMethod.known(m)]
-    if unknown:
-        raise MirrorDeployError(f"unknown mode(s): {', '.join(unknown)}",
-                                f"use: {', '.join(EngineMethod.MODES)}, optionally with a window policy "
-                                "(e.g. sd:heuristic)")
-    methods = [EngineMethod(engine, m, branch_budget=branch_budget, gamma=gamma, exit_layer=exit_layer,
-                            adaptive_gamma=adaptive_gamma) for m in names]
-    peer_factories = []
-    if peers:
-        from .bench.peers import make_peers
-        peer_factories = make_peers([p for p in peers.split(",") if p], engine.manifest)
-    m = engine.manifest
-    room = prompt_room(m, max_new_tokens, gamma, branch_budget)
-    room = min(room, max_prompt_tokens or room)
-    prompts, skipped = load_prompts(engine.tokenizer, per_task, specbench, max_tokens=room)
-    if skipped:
-        err.print(f"[yellow]note:[/] passed over {skipped} prompt(s) longer than {room} tokens "
-                  f"(--max-prompt-tokens, or the artifact's --max-context {m.max_context} minus generation room)")
-    settings = runner.BenchSettings(max_new_tokens, repeats, temperature)
-    if interleave_peers:
-        methods += [factory() for _, factory in peer_factories]
-        peer_factories = []
-    try:
-        records = runner.run(methods, prompts, settings, out, err, peer_factories)
-    finally:
-        for m in methods:
-            m.close()
-    summary = runner.summarise(records)
-    written = runner.write_outputs(summary, out)
-    Console().print(runner.markdown(summary))
-    if not any(p.suffix == ".png" for p in written):
-        err.print("[yellow]note:[/] no chart: matplotlib is missing (pip install 'mirror-deploy[bench]')")
-    err.print(f"[green]wrote[/] {', '.join(str(p) for p in written)} and {out / 'results.jsonl'}")
+    req = BenchRequest(per_task, max_new_tokens, temperature, repeats, modes, peers, interleave_peers,
+                       max_prompt_tokens, branch_budget, gamma, exit_layer, adaptive_gamma, specbench, out)
+    run_specbench(artifact, profile, req, err)
 
 
 @app.command()
@@ -290,34 +221,8 @@ def learn_exit(
 ):
     """Train a learned early exit (tuned lens: affine translator, KL to the final distribution) at each
     exported exit layer on calibration text, and add it to the artifact where it beats the logit lens."""
-    import json
-
-    from .artifact import read_manifest
-    from .tuning.attach import attach
-    from .tuning.lens import BoundaryReport, LensConfig, calibrate, format_table
-    from .tuning.translator import load_translators
-
-    manifest = read_manifest(artifact)
-    trained_on = None
-    if from_dir is not None:
-        translators = load_translators(from_dir / "lens.safetensors")
-        report_file = from_dir / "lens_report.json"
-        report = json.loads(report_file.read_text()) if report_file.is_file() else {}
-        reports = [BoundaryReport(**r) for r in report["boundaries"]] if report else None
-        trained_on = report.get("trained_on")
-    else:
-        config = LensConfig(kappa=manifest.kappa, epochs=epochs, seed=seed)
-        translators, reports, _, trained_on = calibrate(manifest.target["path"], manifest.exit_layers, config,
-                                                        prompts, new_tokens,
-                                                        log=lambda text: err.print(text, highlight=False))
-    if reports:
-        Console().print(format_table(reports, manifest.kappa), highlight=False)
-    if trained_on is None:
-        err.print("[yellow]note:[/] the translators' training prompts are not recorded (an older lens report), so "
-                  "`tune` cannot keep them out of its statistics: the exits' hit rates it measures may be optimistic")
-    layers = attach(artifact, translators, reports, trained_on)
-    err.print(f"[green]added[/] learned exits at layers {', '.join(map(str, layers))} to {artifact} "
-              "(runs use them by default; GenerationConfig(learned_exit=False) for the logit lens)")
+    from .tuning.attach import learn_exit as learn
+    learn(artifact, from_dir, prompts, new_tokens, epochs, seed, err)
 
 
 @app.command()
@@ -359,18 +264,8 @@ app.add_typer(models_app, name="models")
 @friendly
 def models_list():
     """Known model sources and whether they are cached."""
-    from rich.table import Table
-
-    from .models import PAIRS, list_models
-    table = Table(title="model sources")
-    for col in ("name", "role", "GGUF size", "cached", "path"):
-        table.add_column(col)
-    for row in list_models():
-        table.add_row(row["name"], row["role"], f"{row['size'] / 2**30:.2f} GiB", "yes" if row["cached"] else "no",
-                      row["path"])
-    Console().print(table)
-    for pair in PAIRS.values():
-        Console().print(f"pair [bold]{pair.name}[/]: {pair.target} + {pair.draft} — {pair.description}")
+    from .models import print_models
+    print_models(Console())
 
 
 @models_app.command("pull")

@@ -121,6 +121,20 @@ def list_models(cache: PathLike = None) -> list[dict]:
              "cached": (paths[s.name] / _MARKER).is_file()} for s in SOURCES.values()]
 
 
+
+def print_models(console) -> None:
+    """`mirror-deploy models list`: each source, whether it is cached, and the pairs."""
+    from rich.table import Table
+    table = Table(title="model sources")
+    for col in ("name", "role", "GGUF size", "cached", "path"):
+        table.add_column(col)
+    for row in list_models():
+        table.add_row(row["name"], row["role"], f"{row['size'] / 2**30:.2f} GiB", "yes" if row["cached"] else "no",
+                      row["path"])
+    console.print(table)
+    for pair in PAIRS.values():
+        console.print(f"pair [bold]{pair.name}[/]: {pair.target} + {pair.draft} — {pair.description}")
+
 def pull(name: str, cache: PathLike = None, progress: bool = True,
          keep_gguf: bool = False) -> Path:
     """Return the converted checkpoint folder of `name`, pulling and converting it if absent.

@@ -1,10 +1,15 @@
-"""Presenting a run: streaming text as tokens commit, and the figures with their units."""
+"""A run at the command line: the prompt in, the text streamed as tokens commit, and the figures with
+their units."""
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from .errors import MirrorDeployError
 
 FIGURES = [  # key, label, unit, format
     ("mode", "mode", "", "{}"),
@@ -76,3 +81,37 @@ def stats_table(summaries: dict[str, dict], title: str = "figures") -> Table:
 
 def print_stats(summaries: dict[str, dict], console: Console | None = None, title: str = "figures") -> None:
     (console or Console(stderr=True)).print(stats_table(summaries, title))
+
+
+def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    """The prompt from --prompt, --prompt-file or standard input (exactly one of them)."""
+    if prompt is not None and prompt_file is not None:
+        raise MirrorDeployError("both --prompt and --prompt-file were given", "pass one of them")
+    if prompt_file is not None:
+        if not prompt_file.is_file():
+            raise MirrorDeployError(f"prompt file {prompt_file} does not exist", "check the path")
+        return prompt_file.read_text()
+    if prompt is not None:
+        return prompt
+    if sys.stdin.isatty():
+        raise MirrorDeployError("no prompt given", "pass --prompt TEXT, --prompt-file FILE, or pipe text in")
+    return sys.stdin.read()
+
+
+def run_prompt(artifact: Path, profile: str | None, text: str, cfg, chat: bool, json_out: bool, stats: bool,
+               trace: Path | None) -> None:
+    """`mirror-deploy run`: stream the text as it commits (or print one JSON record), then the figures."""
+    from .decoding.engine import Engine
+    engine = Engine(artifact, profile)
+    stream = None if json_out or engine.tokenizer is None else TextStream(engine.tokenizer)
+    result = engine.generate(text, cfg, chat=chat, on_tokens=stream)
+    if stream is not None:
+        stream.close()
+    if trace is not None:
+        trace.write_text("".join(line + "\n" for line in result.metrics.trace_lines()))
+    if json_out:
+        config = {**vars(cfg), "mode": result.summary["mode"]}   # the mode it ran, tuned or named
+        record = {"text": result.text, "tokens": result.tokens, "config": config, "metrics": result.summary}
+        print(json.dumps(record), flush=True)
+    if stats:
+        print_stats({result.summary["mode"]: result.summary})

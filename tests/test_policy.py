@@ -15,7 +15,7 @@ from mirror_deploy.decoding.policy import CostAwareWindow, Plan, TunedCosts
 from mirror_deploy.export.pipeline import ExportOptions, export_artifact
 from mirror_deploy.tiny import build_tiny_pair
 from mirror_deploy.tuning import store, tune
-from mirror_deploy.tuning.curves import Curves
+from mirror_deploy.costs.curves import Curves
 
 QUIET = Console(quiet=True)
 PROMPTS = ["Hello world", "def f(n):", "x"]

@@ -1,6 +1,6 @@
 """A benchmarked method: anything that turns prompt token ids into new token ids, timed.
 
-Our own modes and the peers (bench/peers.py) implement the same small protocol, so the runner can
+Our own modes and the peers (bench/peers/) implement the same small protocol, so the runner can
 interleave them prompt by prompt on the same models and machine.
 """
 from __future__ import annotations

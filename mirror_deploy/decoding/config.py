@@ -4,9 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import MirrorDeployError
+from ..modes import DEFAULT_MODE, MODES  # noqa: F401  (re-exported: callers read them here)
 
-MODES = ("mirror", "sd", "ar")
-DEFAULT_MODE = "mirror"   # an untuned artifact's mode when none is named
 SCHEDULES = ("overlapped", "serial")
 RULES = ("rejection", "match")
 WINDOW_POLICIES = ("auto", "heuristic")   # decoding/policy.py

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..artifact import Manifest, read_manifest
+from ..costs.tuned import read_tuning, tuned_best_mode, tuned_defaults, tuned_for
 from ..errors import MirrorDeployError
 from ..runtimes.kv import capacity_error
 from ..runtimes.loader import open_draft, open_target
@@ -54,7 +55,6 @@ class Engine:
         self.draft = DraftRunner(open_draft(self.folder, self.manifest, self.profile), self.manifest) \
             if load_draft else None
         self.tokenizer = self._load_tokenizer()
-        from ..tuning.store import read_tuning
         self.tuning = read_tuning(self.folder, self.manifest)   # `mirror-deploy tune`'s choice, if any
         self.eos = set(self.manifest.target.get("eos_token_ids") or [])
 
@@ -97,7 +97,6 @@ class Engine:
 
     def default_mode(self) -> tuple[str, str]:
         """(mode, why) for a run that names none: `tune`'s best mode when it was tuned on this profile."""
-        from ..tuning.store import tuned_best_mode
         best = tuned_best_mode(self.tuning, self.profile.name)
         if best is not None:
             return best, f"tuned best on {self.profile.name}"
@@ -108,7 +107,6 @@ class Engine:
     def with_tuned_defaults(self, cfg: GenerationConfig) -> GenerationConfig:
         """Fill the fields `cfg` leaves None with the tuned choice (the mode first, then its settings);
         explicit values win."""
-        from ..tuning.store import tuned_defaults
         if cfg.mode is None:
             cfg = replace(cfg, mode=self.default_mode()[0])
         tuned = tuned_defaults(self.tuning, cfg.mode, self.profile.name)
@@ -120,7 +118,6 @@ class Engine:
         profile: the cost-aware policy, within the tuned (or named) γ and budget, down to autoregressive
         steps; otherwise the heuristic within [1, γ]."""
         from .policy import CostAwareWindow, HeuristicWindow, TunedCosts
-        from ..tuning.store import tuned_for
         cfg = self.with_tuned_defaults(cfg)
         gamma, budget = self._window_and_budget(cfg)
         if (cfg.mode == "ar" or not cfg.adaptive_gamma or cfg.window_policy == "heuristic"

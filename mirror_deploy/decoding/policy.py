@@ -5,7 +5,7 @@ choice only decides how much is drafted, never what is committed, so every polic
 - `HeuristicWindow`: an untuned artifact (no cost curves): +2 after a window accepted whole, −1
   otherwise, within [1, γ] (the schedule transformers calls "heuristic", which OpenVINO GenAI also uses).
 - `CostAwareWindow`: a tuned artifact: `tune`'s measured cost curves and the latency model
-  (tuning/model.py) predict tokens/s for every (L, budget) from the run's acceptance per depth and its
+  (costs/latency.py) predict tokens/s for every (L, budget) from the run's acceptance per depth and its
   needed-branch ranks, and the fastest wins. Text the draft cannot follow drops to autoregressive steps;
   while it runs those, the estimates relax towards the calibration prior, and when the model would leave
   it first probes with a one-token window: after 4, 8, 16 .. 64 idle steps (back to 4 as soon as a
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..tuning import model
-from ..tuning.curves import Curves
+from ..costs import latency
+from ..costs.curves import Curves
 
 
 @dataclass(frozen=True)
@@ -195,17 +195,17 @@ class CostAwareWindow:
             hit = np.zeros((self.gamma + 1, self.budget + 1))
             miss = np.zeros_like(hit)
             target = np.zeros(self.gamma + 1)
-            hit[0] = miss[0] = model.ar_step_ms(c, ctx) + over["ar"]
+            hit[0] = miss[0] = latency.ar_step_ms(c, ctx) + over["ar"]
             for length in range(1, self.gamma + 1):
                 if self.mode == "sd":
-                    hit[length] = miss[length] = model.sd_step_ms(c, length, ctx) + over["sd"]
-                    target[length] = model.target_window_ms(c, length, ctx)
+                    hit[length] = miss[length] = latency.sd_step_ms(c, length, ctx) + over["sd"]
+                    target[length] = latency.target_window_ms(c, length, ctx)
                     continue
-                target[length] = model.mirror_prefix_ms(c, self.exit_layer, length, ctx)
+                target[length] = latency.mirror_prefix_ms(c, self.exit_layer, length, ctx)
                 for b in range(self.budget + 1):
-                    cfg = model.MirrorConfig(self.exit_layer, self.kappa, length, b)
-                    hit[length, b] = model.mirror_step_ms(c, cfg, ctx, np.asarray(True)) + over["mirror"]
-                    miss[length, b] = model.mirror_step_ms(c, cfg, ctx, np.asarray(False)) + over["mirror"]
+                    cfg = latency.MirrorConfig(self.exit_layer, self.kappa, length, b)
+                    hit[length, b] = latency.mirror_step_ms(c, cfg, ctx, np.asarray(True)) + over["mirror"]
+                    miss[length, b] = latency.mirror_step_ms(c, cfg, ctx, np.asarray(False)) + over["mirror"]
             self._bucket, self._table = bucket, (hit, miss, target)
         return self._table
 

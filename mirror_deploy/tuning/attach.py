@@ -98,3 +98,36 @@ def attach(folder: str | Path, translators: dict[int, AffineTranslator], reports
 def report_json(reports) -> str:
     from dataclasses import asdict
     return json.dumps([asdict(r) for r in reports], indent=2)
+
+
+def learn_exit(folder: Path, from_dir: Path | None, prompts: Path | None, new_tokens: int, epochs: int, seed: int,
+               console) -> list[int]:
+    """`mirror-deploy learn-exit`: train the translators (or read ones `tuning.lens` trained into
+    `from_dir`), print how they compare with the logit lens, and attach them to the artifact."""
+    from rich.console import Console
+
+    from .lens import BoundaryReport, LensConfig, calibrate, format_table
+    from .translator import load_translators
+
+    manifest = read_manifest(folder)
+    if from_dir is not None:
+        translators = load_translators(from_dir / "lens.safetensors")
+        report_file = from_dir / "lens_report.json"
+        report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+        reports = [BoundaryReport(**r) for r in report["boundaries"]] if report else None
+        trained_prompts = report.get("trained_on")
+    else:
+        config = LensConfig(kappa=manifest.kappa, epochs=epochs, seed=seed)
+        translators, reports, _, trained_prompts = calibrate(manifest.target["path"], manifest.exit_layers, config,
+                                                             prompts, new_tokens,
+                                                             log=lambda text: console.print(text, highlight=False))
+    if reports:
+        Console().print(format_table(reports, manifest.kappa), highlight=False)
+    if trained_prompts is None:
+        console.print("[yellow]note:[/] the translators' training prompts are not recorded (an older lens report), "
+                      "so `tune` cannot keep them out of its statistics: the exits' hit rates it measures may be "
+                      "optimistic")
+    layers = attach(folder, translators, reports, trained_prompts)
+    console.print(f"[green]added[/] learned exits at layers {', '.join(map(str, layers))} to {folder} "
+                  "(runs use them by default; GenerationConfig(learned_exit=False) for the logit lens)")
+    return layers

@@ -1,14 +1,15 @@
 """Choose (ℓe, κ, γ, budget) for Mirror and γ for vanilla SD: the settings whose replayed calibration
-runs the latency model (model.py) predicts fastest."""
+runs the latency model (costs/latency.py, over replays in model.py) predicts fastest."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..costs import latency
+from ..costs.curves import Curves
+from ..costs.latency import MirrorConfig
 from . import model
-from .curves import Curves
-from .model import MirrorConfig
 from .simulate import Steps, acceptance_per_depth, coverage, needed_ranks, replay
 from .teacher import Sequence
 
@@ -46,16 +47,16 @@ def replays(sequences: list[Sequence], exit_layers: list[int], kappa_max: int, g
 
 def predict_mirror(curves: Curves, steps: Steps, ranks: np.ndarray, cfg: MirrorConfig, overhead_ms: float) -> float:
     hit = (ranks >= 0) & (ranks < cfg.branch_budget)
-    return model.tokens_per_s(steps, model.mirror_step_ms(curves, cfg, steps.start, hit), overhead_ms)
+    return model.tokens_per_s(steps, latency.mirror_step_ms(curves, cfg, steps.start, hit), overhead_ms)
 
 
 def evaluate(grid: Grid, curves: Curves, overhead_ms: dict[str, float], branch_batch: int) -> Grid:
     """Fill in the grid's predictions; ties go to the cheaper setting (smaller γ, budget, κ)."""
-    grid.ar = model.tokens_per_s(grid.steps[0], model.ar_step_ms(curves, grid.steps[0].start), overhead_ms["ar"])
+    grid.ar = model.tokens_per_s(grid.steps[0], latency.ar_step_ms(curves, grid.steps[0].start), overhead_ms["ar"])
     candidates = []
     for (layer, kappa, gamma), ranks in grid.ranks.items():
         steps = grid.steps[gamma]
-        grid.sd[gamma] = model.tokens_per_s(steps, model.sd_step_ms(curves, gamma, steps.start), overhead_ms["sd"])
+        grid.sd[gamma] = model.tokens_per_s(steps, latency.sd_step_ms(curves, gamma, steps.start), overhead_ms["sd"])
         for budget in range(branch_batch + 1):
             cfg = MirrorConfig(layer, kappa, gamma, budget)
             candidates.append((predict_mirror(curves, steps, ranks, cfg, overhead_ms["mirror"]), cfg))

@@ -2,10 +2,10 @@
 
 1. calibration text: the deployed target's greedy continuations of a seeded, category-balanced pick of
    calibration prompts, with their teacher-forced exit and draft statistics (teacher.py);
-2. cost curves on the artifact's devices, alone and side by side (costs.py), and each mode's Python
+2. cost curves on the artifact's devices, alone and side by side (measure.py), and each mode's Python
    time per step on a short probe run;
 3. the choice: every (ℓe, κ, γ, budget) for Mirror and γ for SD, predicted by the latency model over
-   replays of the calibration runs (simulate.py, model.py, search.py);
+   replays of the calibration runs (simulate.py, costs/latency.py, model.py, search.py);
 4. the check: each mode with its choice on a few calibration prompts, interleaved, predicted vs measured
    tokens/s, and output equal to autoregressive decoding;
 5. tuning.json written (store.py). Nothing is written before step 5, so an interrupted tune leaves the
@@ -25,15 +25,17 @@ from rich.table import Table
 from ..decoding.config import GenerationConfig
 from ..decoding.engine import Engine
 from ..errors import MirrorDeployError
+from ..costs import latency
+from ..costs.curves import Curves
+from ..costs.latency import MirrorConfig
 from . import model
-from .costs import curve_contexts, measure_curves
-from .curves import Curves
+from .measure import curve_contexts, measure_curves
 from .attach import trained_on
 from .calibration import prompt_sha256
-from .model import MirrorConfig
 from .prompts import SHIPPED, pick, read_prompts
 from .search import evaluate, kappa_candidates, predict_mirror, replays, statistics, top
-from .store import TUNING_VERSION, write_tuning
+from ..costs.tuned import TUNING_VERSION
+from .store import write_tuning
 from .teacher import exit_hit_rates, measure_sequence
 
 MODES = ("ar", "sd", "mirror")
@@ -202,8 +204,8 @@ def _record(engine, opts, source, prompts_sha, chat, sequences, curves, overhead
         steps = {g: grid.steps[g].subset(subset) for g in (0, sd_gamma, mirror.gamma)}
         ranks = grid.ranks[(mirror.exit_layer, mirror.kappa, mirror.gamma)][
             grid.steps[mirror.gamma].sequence < len(checked)]
-        local = {"ar": model.tokens_per_s(steps[0], model.ar_step_ms(curves, steps[0].start), overhead["ar"]),
-                 "sd": model.tokens_per_s(steps[sd_gamma], model.sd_step_ms(curves, sd_gamma, steps[sd_gamma].start),
+        local = {"ar": model.tokens_per_s(steps[0], latency.ar_step_ms(curves, steps[0].start), overhead["ar"]),
+                 "sd": model.tokens_per_s(steps[sd_gamma], latency.sd_step_ms(curves, sd_gamma, steps[sd_gamma].start),
                                           overhead["sd"]),
                  "mirror": predict_mirror(curves, steps[mirror.gamma], ranks, mirror, overhead["mirror"])}
         local_bound = model.zero_draft_bound(curves, steps[mirror.gamma], mirror.gamma)

@@ -1,5 +1,5 @@
 """Read access to `tune`'s measured cost curves (tuning.json's curves_ms), apart from the code that
-measures them, so decoding can use them without importing the runtimes."""
+measures them (tuning/measure.py), so decoding can use them without importing the runtimes or the tuner."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,0 +1,54 @@
+"""Peers: what a user would run instead of mirror-deploy, as `Method`s on the same models and machine.
+
+One module per peer family (hf.py, ov_genai.py, ort_genai.py; shared helpers in common.py), like
+optimum's one folder per backend; this module names them and builds them on demand.
+
+- `TransformersPlain` / `TransformersAssisted`: PyTorch fp32, `generate(assistant_model=draft)`.
+- `OpenVinoGenAI`: `openvino_genai.LLMPipeline` over IRs from `export_openvino_models` (optimum-cli).
+- `OrtGenAI`: onnxruntime-genai speculative decoding over models from `build_ortgenai_models`; its model
+  builder needs transformers 5, so it runs in a separate venv (`ORTGENAI_BUILDER_VENV`).
+
+All are greedy only and never stop at (nor mask) EOS, so every method yields exactly max_new_tokens
+and outputs compare token by token. Timing: `prefill_seconds` is the time to the first new token,
+`seconds` the rest of the call; the first token (or first accepted run) thus falls in prefill.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from ...errors import MirrorDeployError
+from .hf import TransformersAssisted, TransformersPlain
+from .ort_genai import OrtGenAI, build_ortgenai_models
+from .ov_genai import OV_PLACEMENTS, OV_TARGET_FORMATS, OpenVinoGenAI, export_openvino_models
+
+__all__ = ["PEER_NAMES", "make_peers", "TransformersPlain", "TransformersAssisted", "OpenVinoGenAI",
+           "export_openvino_models", "OV_PLACEMENTS", "OV_TARGET_FORMATS", "OrtGenAI", "build_ortgenai_models"]
+
+
+PEER_NAMES = ("hf-target", "hf-assisted", "hf-assisted@4", "ov-genai-target@1t", "ov-genai-sd@1t",
+              "ov-genai-target@2t", "ov-genai-sd@2t", "ort-genai-target@1t", "ort-genai-sd@1t",
+              "ort-genai-target@2t", "ort-genai-sd@2t")
+
+
+def make_peers(names: list[str], manifest) -> list[tuple[str, Callable[[], object]]]:
+    """(name, factory) per peer, on the artifact's own source checkpoints. Factories, because each peer
+    holds its own copy of the models (6-9 GB): the bench loads one at a time."""
+    unknown = [n for n in names if n not in PEER_NAMES]
+    if unknown:
+        raise MirrorDeployError(f"unknown peer(s): {', '.join(unknown)}", f"use: {', '.join(PEER_NAMES)}")
+    target, draft = manifest.target["path"], manifest.draft["path"]
+
+    def factory(name: str):
+        family, _, placement = name.partition("@")
+        if family == "hf-target":
+            return TransformersPlain(target)
+        if family == "hf-assisted":
+            return TransformersAssisted(target, draft, num_assistant_tokens=int(placement) if placement else None)
+        if family.startswith("ov-genai"):
+            target_ir, draft_ir = export_openvino_models(target, draft,
+                                                         target_weight_format=manifest.target_weights)
+            return OpenVinoGenAI(target_ir, draft_ir if family.endswith("sd") else None, placement)
+        folder = build_ortgenai_models(target, draft)
+        return OrtGenAI(folder, speculative=family.endswith("sd"), threads=int(placement.rstrip("t")))
+
+    return [(n, lambda n=n: factory(n)) for n in names]

@@ -1,0 +1,62 @@
+"""The latency model of mirror-sd.md: the milliseconds one step of each mode costs, from measured
+cost curves. Both the offline tuner (tuning/) and the run-time window policy (decoding/policy.py) read it.
+
+Per step (ms, at the step's context; `alone`/`together` curves, see curves.py):
+- AR:  all segments + head on 1 row, alone.
+- SD:  all segments + head on γ+1 rows, then γ one-token draft calls, in series, alone.
+- Mirror (overlapped): prefix = segments before ℓe + exit head on γ+1 rows, alone (the draft waits for
+  the exit); then the suffix (the other segments + head) runs together with the draft's branch calls
+  (γ calls, each as wide as the budget). At the verdict the call in flight finishes; on a hit (the needed
+  branch is among the budget's best-ranked) the branch's remaining calls run one token wide, alone; on a
+  miss a fresh rollout of γ one-token calls follows. The step ends when both sides are done.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .curves import Curves
+
+
+@dataclass
+class MirrorConfig:
+    exit_layer: int
+    kappa: int
+    gamma: int
+    branch_budget: int
+
+
+def ar_step_ms(c: Curves, context) -> np.ndarray:
+    return c.segments("alone", 0, c.n_segments, 1, context) + c.head("alone", 1, context)
+
+
+def target_window_ms(c: Curves, gamma: int, context) -> np.ndarray:
+    return c.segments("alone", 0, c.n_segments, gamma + 1, context) + c.head("alone", gamma + 1, context)
+
+
+def sd_step_ms(c: Curves, gamma: int, context) -> np.ndarray:
+    return target_window_ms(c, gamma, context) + gamma * c.draft("alone", 1, context)
+
+
+def mirror_prefix_ms(c: Curves, exit_layer: int, gamma: int, context) -> np.ndarray:
+    """The segments before ℓe and the exit head on γ+1 rows, alone (the draft waits for the exit)."""
+    split = c.split_of[exit_layer]
+    return c.segments("alone", 0, split, gamma + 1, context) + c.head("alone", gamma + 1, context, exit_head=True)
+
+
+def mirror_step_ms(c: Curves, cfg: MirrorConfig, context, hit: np.ndarray) -> np.ndarray:
+    g, split = cfg.gamma, c.split_of[cfg.exit_layer]
+    prefix = mirror_prefix_ms(c, cfg.exit_layer, g, context)
+    suffix = c.segments("together", split, c.n_segments, g + 1, context) + c.head("together", g + 1, context)
+    one = c.draft("alone", 1, context)
+    fresh = g * one
+    if cfg.branch_budget == 0:
+        return prefix + suffix + fresh
+    wide = c.draft("together", min(cfg.branch_budget, len(c.data["widths"])), context)
+    done_before = np.minimum(np.floor(suffix / wide), g)          # branch calls finished at the verdict
+    in_flight_end = np.where(done_before < g, (done_before + 1) * wide, suffix)
+    hit_ready = np.where(done_before >= g, suffix, in_flight_end + (g - done_before - 1) * one)
+    miss_ready = np.maximum(in_flight_end, suffix) + fresh
+    ready = np.where(hit, hit_ready, miss_ready)
+    return prefix + np.maximum(suffix, ready)
