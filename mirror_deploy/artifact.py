@@ -36,7 +36,7 @@ class GraphEntry:
 @dataclass
 class Manifest:
     target: dict
-    draft: dict
+    draft: dict | None               # None: a target-only artifact (modes ar and lookup)
     exit_layer: int                  # the default exit layer of a run
     exit_layers: list[int]           # segment boundaries: the exit layers a run may choose
     target_weights: str
@@ -60,6 +60,10 @@ class Manifest:
         data = dict(data)
         data["graphs"] = {k: GraphEntry(**v) for k, v in data["graphs"].items()}
         return cls(**data)
+
+    @property
+    def has_draft(self) -> bool:
+        return self.draft is not None
 
     def target_segments(self) -> list[str]:
         """Graph names of the target's layer segments, first layer first."""

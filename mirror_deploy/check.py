@@ -81,8 +81,12 @@ def manifest_problems(m: Manifest) -> list[str]:
 
 def _manifest_problems(m: Manifest) -> list[str]:
     out = []
-    n, nd, vocab = m.target.get("num_layers"), m.draft.get("num_layers"), m.target.get("vocab_size")
-    missing = [g for g in ("target_seg0", "target_head", "draft") if g not in m.graphs]
+    n, vocab = m.target.get("num_layers"), m.target.get("vocab_size")
+    nd = m.draft.get("num_layers") if m.has_draft else None
+    needed = ("target_seg0", "target_head", "draft") if m.has_draft else ("target_seg0", "target_head")
+    missing = [g for g in needed if g not in m.graphs]
+    if not m.has_draft and any(g in m.graphs for g in DRAFT_GRAPHS):
+        return ["draft graphs are listed but the manifest records no draft model"]
     if missing:
         return [f"graphs missing from the manifest: {', '.join(missing)}"]
     if m.exit_layer not in m.exit_layers:
@@ -93,7 +97,7 @@ def _manifest_problems(m: Manifest) -> list[str]:
         out.append(f"kappa {m.kappa} is outside [1, vocab {vocab}]")
     if m.gamma < 1 or m.branch_batch < 1:
         out.append(f"gamma {m.gamma} and branch_batch {m.branch_batch} must be ≥ 1")
-    if m.draft.get("vocab_size") != vocab:
+    if m.has_draft and m.draft.get("vocab_size") != vocab:
         out.append(f"target vocab {vocab} differs from draft vocab {m.draft.get('vocab_size')}")
     fused = [g for g in m.target_segments() if any(s["name"] == "seqlens_k" for s in m.graphs[g].inputs)]
     if fused != (m.target_segments() if m.target_attention == "fused" else []):
@@ -181,11 +185,14 @@ def _check_tuning(folder: Path, m: Manifest, report: CheckReport) -> None:
 def _load_graphs(folder, m: Manifest, prof: Profile, intact: set[str], report: CheckReport) -> dict:
     """Every graph in the runtime the profile names (graphs it does not use: on the CPU runtime of
     their format). Static graphs are also checked for dynamic dims and compiled on OpenVINO CPU."""
+    draft_name = None
     try:
-        draft_name = draft_graph_name(m, prof)
+        if m.has_draft:
+            draft_name = draft_graph_name(m, prof)
+        else:
+            report.add("load", "draft", True, "target-only artifact: no draft (modes ar and lookup)")
     except MirrorDeployError as err:
         report.fail("load", "draft", err)
-        draft_name = None
     uses = {**{g: prof.target for g in target_graph_names(m)}, draft_name: prof.draft}
     graphs = {}
     for name, entry in m.graphs.items():

@@ -52,7 +52,8 @@ def _int_list(text: Optional[str], flag: str) -> Optional[list[int]]:
 @friendly
 def export(
     target: Path = typer.Argument(..., help="Target model: checkpoint folder or .gguf file."),
-    draft: Path = typer.Option(..., "--draft", help="Draft model with the same tokenizer."),
+    draft: Optional[Path] = typer.Option(None, "--draft", help="Draft model with the same tokenizer (without it: a "
+                                         "target-only artifact, which runs modes ar and lookup)."),
     out: Path = typer.Option(..., "--out", help="Artifact folder to write."),
     exit_layer: Optional[int] = typer.Option(None, help="Default early-exit layer ℓe of runs (default N/2)."),
     exit_layers: Optional[str] = typer.Option(None, help="Exit layers a run may choose, comma-separated "
@@ -75,7 +76,7 @@ def export(
         "on OpenVINO need eager."),
     force: bool = typer.Option(False, "--force", help="Replace DIR if it exists."),
 ):
-    """Split the target into prefix/suffix graphs, export the draft, compile it, write the manifest."""
+    """Split the target into prefix/suffix graphs, export the draft (if given), compile it, write the manifest."""
     from .export.pipeline import ExportOptions, export_artifact
     opts = ExportOptions(exit_layer, _int_list(exit_layers, "--exit-layers"), kappa, gamma, max_context,
                          branch_batch, profile, draft_weights, force, exit_head_weights, target_weights,
@@ -119,9 +120,11 @@ def run(
     top_p: float = typer.Option(1.0),
     top_k: int = typer.Option(0),
     seed: int = typer.Option(0),
-    mode: Optional[str] = typer.Option(None, help="mirror | sd | ar (default: the mode `tune` measured "
+    mode: Optional[str] = typer.Option(None, help="mirror | sd | ar | lookup (prompt lookup, no draft model; default: the mode `tune` measured "
                                        "fastest on this profile, else mirror)"),
     schedule: str = typer.Option("overlapped", help="mirror: overlapped | serial (ablation)"),
+    lookup: bool = typer.Option(False, "--lookup", help="sd/mirror: prompt-lookup windows beside the draft "
+                                "model's, verified instead where they are worth more (no draft call that step)."),
     verify_rule: str = typer.Option("rejection", help="sampling: rejection | match"),
     branch_budget: Optional[int] = typer.Option(None, help="Branches per step (default: artifact's batch)."),
     gamma: Optional[int] = typer.Option(None, help="Window length (default: artifact's γ)."),
@@ -143,7 +146,7 @@ def run(
 
     cfg = GenerationConfig(max_new_tokens, temperature, top_k, top_p, seed, mode, schedule, verify_rule,
                            branch_budget, gamma, exit_layer=exit_layer, kappa=kappa,
-                           adaptive_gamma=adaptive_gamma).validate()
+                           adaptive_gamma=adaptive_gamma, lookup=lookup).validate()
     run_prompt(artifact, profile, read_prompt(prompt, prompt_file), cfg, chat, json_out, stats, trace)
 
 
@@ -155,10 +158,12 @@ def bench(
     max_new_tokens: int = typer.Option(64),
     temperature: float = typer.Option(0.0, help="0 = greedy (outputs are compared with ar)."),
     repeats: int = typer.Option(1, help="Runs of each method per prompt (medians)."),
-    modes: str = typer.Option("ar,sd,mirror-serial,mirror", help="Our modes, comma-separated (`mode:heuristic` for the heuristic window); `best` is the "
-                              "mode `tune` measured fastest on this profile."),
-    peers: str = typer.Option("", help="Peers, comma-separated: hf-target, hf-assisted[@K], "
-                              "ov-genai-{target,sd}@{1t,2t}, ort-genai-{target,sd}@{1t,2t}."),
+    modes: Optional[str] = typer.Option(None, help="Our modes, comma-separated: ar, sd, mirror-serial, mirror, lookup, "
+                                        "sd+lookup, mirror+lookup (`mode:heuristic` for the heuristic window); `best` is the mode `tune` "
+                                        "measured fastest on this profile. Default: ar,sd,mirror-serial,mirror,lookup "
+                                        "(ar,lookup on a target-only artifact)."),
+    peers: str = typer.Option("", help="Peers, comma-separated: hf-target, hf-assisted[@K], hf-lookup, "
+                              "ov-genai-{target,sd,lookup}@{1t,2t}, ort-genai-{target,sd}@{1t,2t}."),
     interleave_peers: bool = typer.Option(False, "--interleave-peers", help="Load the peers up front and "
                                           "interleave them with our modes prompt by prompt (robust to load "
                                           "from other work; holds every peer's models at once: mind the RAM)."),
@@ -195,7 +200,7 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (any other than loopback opens the API, "
                              "which has no authentication, to the network)."),
     port: int = typer.Option(8000, help="TCP port."),
-    mode: Optional[str] = typer.Option(None, help="mirror | sd | ar, for every request (default: the tuned "
+    mode: Optional[str] = typer.Option(None, help="mirror | sd | ar | lookup, for every request (default: the tuned "
                                        "best mode on this profile, else mirror)."),
     max_queue: int = typer.Option(16, help="Requests that may wait for the engine; more get 429 + Retry-After."),
     model_name: Optional[str] = typer.Option(None, help="Model id clients send (default: the artifact folder's "

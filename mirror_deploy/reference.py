@@ -46,12 +46,15 @@ def _torch_graph(module, part: str, source: SourceModel, layers: range, kappa=No
 class Reference:
     manifest: Manifest
     target: SourceModel
-    draft: SourceModel
+    draft: SourceModel | None      # None: a target-only artifact
 
     @classmethod
     def load(cls, manifest: Manifest) -> "Reference":
-        target, draft = open_recorded(manifest, "target"), open_recorded(manifest, "draft")
-        target.load_model(), draft.load_model()
+        target = open_recorded(manifest, "target")
+        draft = open_recorded(manifest, "draft") if manifest.has_draft else None
+        for source in (target, draft):
+            if source is not None:
+                source.load_model()
         return cls(manifest, target, draft)
 
     def target_graphs(self) -> dict[str, TorchGraph]:

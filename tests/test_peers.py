@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from mirror_deploy.bench.peers import TransformersAssisted, TransformersPlain
+from mirror_deploy.bench.peers import TransformersAssisted, TransformersLookup, TransformersPlain
 from mirror_deploy.errors import MirrorDeployError
 from mirror_deploy.tiny import build_tiny_pair
 
@@ -35,6 +35,19 @@ def test_transformers_assisted_equals_plain(pair):
         assert run.figures["draft_calls"] > 0 and run.figures["target_calls"] < N
 
 
+REPEATING = [2, 10, 20, 30, 40, 50, 2, 10, 20, 30, 40, 50, 2, 10, 20]   # lookup finds matches in it
+
+
+def test_transformers_lookup_equals_plain(pair):
+    plain = TransformersPlain(pair[0], threads=1)
+    lookup = TransformersLookup(pair[0], threads=1, num_tokens=4)
+    try:
+        want, got = plain.generate(REPEATING, N, 0.0, 0), lookup.generate(REPEATING, N, 0.0, 0)
+    finally:
+        plain.close(), lookup.close()
+    assert got.tokens == want.tokens and len(got.tokens) == N
+
+
 def test_peers_refuse_sampling(pair):
     method = TransformersPlain(pair[0], threads=1)
     try:
@@ -56,6 +69,15 @@ def test_openvino_genai_sd_equals_target_alone(pair, tmp_path_factory):
     sd = _run(OpenVinoGenAI(target_ir, draft_ir, placement="1t", num_assistant_tokens=3))
     assert len(alone.tokens) == N and sd.tokens == alone.tokens
     assert 0.0 <= sd.figures["acceptance"] <= 1.0 and sd.figures["draft_tokens"] > 0
+    # prompt lookup: the target alone exported (no draft), the same output as the target alone
+    target_only, none = export_openvino_models(target, None, tmp_path_factory.mktemp("ov-target"))
+    assert none is None
+    plain, lookup = (OpenVinoGenAI(target_only, placement="1t", prompt_lookup=flag) for flag in (False, True))
+    try:
+        want, got = plain.generate(REPEATING, N, 0.0, 0), lookup.generate(REPEATING, N, 0.0, 0)
+    finally:
+        plain.close(), lookup.close()
+    assert got.tokens == want.tokens and lookup.name == "ov-genai-lookup@1t"
 
 
 def test_ortgenai_build_names_its_missing_builder_venv(pair, tmp_path):

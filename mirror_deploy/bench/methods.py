@@ -36,7 +36,9 @@ class EngineMethod:
     """One of our modes (ar, sd, mirror-serial, mirror, or best: the tuned best mode) on an opened Engine."""
 
     MODES = {"ar": ("ar", "serial"), "sd": ("sd", "serial"),
-             "mirror-serial": ("mirror", "serial"), "mirror": ("mirror", "overlapped"), "best": (None, "overlapped")}
+             "mirror-serial": ("mirror", "serial"), "mirror": ("mirror", "overlapped"), "lookup": ("lookup", "serial"),
+             "sd+lookup": ("sd", "serial"), "mirror+lookup": ("mirror", "overlapped"), "best": (None, "overlapped")}
+    BESIDE = "+lookup"   # sd/mirror with prompt-lookup windows beside the draft model
 
     POLICY_SEPARATOR = ":"   # `sd:heuristic` runs sd with that window policy (decoding/policy.py)
 
@@ -52,6 +54,8 @@ class EngineMethod:
         self.mode, self.schedule = self.MODES[base]
         if policy:
             overrides["window_policy"] = policy
+        if base.endswith(self.BESIDE):
+            overrides["lookup"] = True
         if self.mode is None:   # resolved once, and named in the tables (e.g. best=sd)
             self.mode = engine.default_mode()[0]
             self.name = f"best={self.mode}"

@@ -21,7 +21,7 @@ class BenchRequest:
     max_new_tokens: int = 64
     temperature: float = 0.0
     repeats: int = 1
-    modes: str = "ar,sd,mirror-serial,mirror"
+    modes: str | None = None       # default: DEFAULT_MODES, or TARGET_ONLY_MODES on a target-only artifact
     peers: str = ""
     interleave_peers: bool = False
     max_prompt_tokens: int | None = None
@@ -33,15 +33,22 @@ class BenchRequest:
     out: Path = Path("bench-results")
 
 
+DEFAULT_MODES, TARGET_ONLY_MODES = "ar,sd,mirror-serial,mirror,lookup", "ar,lookup"
+
+
 def our_methods(engine: Engine, req: BenchRequest) -> list[EngineMethod]:
-    names = [m for m in req.modes.split(",") if m]
+    modes = req.modes or (DEFAULT_MODES if engine.manifest.has_draft else TARGET_ONLY_MODES)
+    names = [m for m in modes.split(",") if m]
     unknown = [m for m in names if not EngineMethod.known(m)]
     if unknown:
         raise MirrorDeployError(f"unknown mode(s): {', '.join(unknown)}",
                                 f"use: {', '.join(EngineMethod.MODES)}, optionally with a window policy "
                                 "(e.g. sd:heuristic)")
-    return [EngineMethod(engine, m, branch_budget=req.branch_budget, gamma=req.gamma, exit_layer=req.exit_layer,
-                         adaptive_gamma=req.adaptive_gamma) for m in names]
+    methods = [EngineMethod(engine, m, branch_budget=req.branch_budget, gamma=req.gamma, exit_layer=req.exit_layer,
+                            adaptive_gamma=req.adaptive_gamma) for m in names]
+    for method in methods:   # sd / mirror on a target-only artifact: refused before any prompt runs
+        engine.require_draft(method.mode)
+    return methods
 
 
 def run_anatomy(artifact: Path, profile: str | None, context: int, rounds: int) -> None:

@@ -29,6 +29,8 @@ class GenerationConfig:
     exit_layer: int | None = None     # mirror: early-exit layer, one the artifact exported (None = its default)
     kappa: int | None = None          # mirror: early-exit top-κ width (None = the artifact's κ, its most)
     learned_exit: bool = True         # mirror: use the artifact's learned exit at ℓe when it has one
+    lookup: bool = False              # sd/mirror: prompt-lookup windows beside the draft model's, where they
+                                      # are worth more (decoding/lookup_beside.py)
     stop_at_eos: bool = True
 
     @property
@@ -50,6 +52,8 @@ class GenerationConfig:
             (self.branch_budget is None or self.branch_budget >= 0, "branch budget must be >= 0", "use e.g. 4"),
             (self.gamma is None or self.gamma >= 1, "gamma must be >= 1", "use e.g. 4"),
             (self.kappa is None or self.kappa >= 1, "kappa must be >= 1", "use e.g. 8"),
+            (not (self.lookup and self.mode in ("ar", "lookup")), f"lookup beside the draft applies to sd and "
+             f"mirror, not mode {self.mode}", "use mode lookup for prompt lookup alone, or drop lookup=True"),
         ]
         for ok, problem, fix in checks:
             if not ok:

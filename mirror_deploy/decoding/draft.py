@@ -42,6 +42,7 @@ class Window:
     probs: list[np.ndarray | None] = field(default_factory=list)
     top_ids: list[np.ndarray] = field(default_factory=list)
     top_probs: list[np.ndarray] = field(default_factory=list)
+    source: str = "draft"           # who proposed it: draft (the model) or lookup (decoding/lookup.py)
 
     def add(self, rows: CallRows, i: int, cfg: GenerationConfig, rng) -> int:
         token, probs = choose(rows.logits[i], cfg, rng)
@@ -82,6 +83,8 @@ class BranchRun:
 
 
 class DraftRunner:
+    can_branch = True   # Mirror rolls out branches from this runner's windows
+
     def __init__(self, graph: CompiledGraph, manifest: Manifest, prefill_chunk: int = 128):
         d = manifest.draft
         if "top_ids" not in graph.output_names:
@@ -104,6 +107,9 @@ class DraftRunner:
     def take_busy(self) -> float:
         busy, self.busy = self.busy, 0.0
         return busy
+
+    def observe_step(self, record) -> None:
+        pass   # the model's windows are sized by the loop's policy
 
     def call(self, tokens, parents, positions) -> CallRows:
         """One graph call over new tokens; returns their rows."""

@@ -9,11 +9,14 @@ from typing import Callable
 from ..artifact import Manifest, read_manifest
 from ..costs.tuned import read_tuning, tuned_best_mode, tuned_defaults, tuned_for
 from ..errors import MirrorDeployError
+from ..modes import DRAFT_MODES, TARGET_ONLY_MODE
 from ..runtimes.kv import capacity_error
 from ..runtimes.loader import open_draft, open_target
 from ..targets import Profile, load_profile
 from .config import DEFAULT_MODE, GenerationConfig
 from .draft import DraftRunner
+from .lookup import LookupDraft, LookupWindow, tuned_step_ratios
+from .lookup_beside import LookupBeside
 from .loops import autoregressive, speculative
 from .metrics import RunMetrics
 from .target import TargetRunner
@@ -53,7 +56,7 @@ class Engine:
         self.target = TargetRunner(open_target(self.folder, self.manifest, self.profile), self.manifest,
                                    pipeline_prefill=pipeline)
         self.draft = DraftRunner(open_draft(self.folder, self.manifest, self.profile), self.manifest) \
-            if load_draft else None
+            if load_draft and self.manifest.has_draft else None
         self.tokenizer = self._load_tokenizer()
         self.tuning = read_tuning(self.folder, self.manifest)   # `mirror-deploy tune`'s choice, if any
         self.eos = set(self.manifest.target.get("eos_token_ids") or [])
@@ -97,6 +100,8 @@ class Engine:
 
     def default_mode(self) -> tuple[str, str]:
         """(mode, why) for a run that names none: `tune`'s best mode when it was tuned on this profile."""
+        if not self.manifest.has_draft:
+            return TARGET_ONLY_MODE, "default (target-only artifact)"
         best = tuned_best_mode(self.tuning, self.profile.name)
         if best is not None:
             return best, f"tuned best on {self.profile.name}"
@@ -120,12 +125,26 @@ class Engine:
         from .policy import CostAwareWindow, HeuristicWindow, TunedCosts
         cfg = self.with_tuned_defaults(cfg)
         gamma, budget = self._window_and_budget(cfg)
-        if (cfg.mode == "ar" or not cfg.adaptive_gamma or cfg.window_policy == "heuristic"
+        if cfg.mode == "lookup" and cfg.adaptive_gamma and cfg.window_policy != "heuristic":
+            tuned = tuned_for(self.tuning, self.profile.name)
+            return LookupWindow(gamma, tuned_step_ratios(self.tuning, gamma) if tuned else None)
+        if (cfg.mode in ("ar", "lookup") or not cfg.adaptive_gamma or cfg.window_policy == "heuristic"
                 or not tuned_for(self.tuning, self.profile.name)):
             return HeuristicWindow(gamma, budget, cfg.adaptive_gamma)
         exit_layer, kappa = cfg.exit_layer or self.manifest.exit_layer, cfg.kappa or self.manifest.kappa
         costs = TunedCosts.from_tuning(self.tuning, exit_layer, kappa, gamma, budget)
         return CostAwareWindow(cfg.mode, costs, gamma, budget, gamma, exit_layer, kappa)
+
+    def require_draft(self, mode: str) -> None:
+        """sd and mirror run the draft model: refuse them, before any work, where there is none."""
+        if mode not in DRAFT_MODES or self.draft is not None:
+            return
+        if not self.manifest.has_draft:
+            raise MirrorDeployError(f"mode {mode} needs a draft model, and {self.folder} is a target-only artifact "
+                                    "(exported without --draft)", "use --mode ar or --mode lookup, or re-export "
+                                    "with `mirror-deploy export TARGET --draft DRAFT`")
+        raise MirrorDeployError(f"mode {mode} needs the draft, and this engine was opened without it",
+                                "open it with load_draft=True, or use mode ar or lookup")
 
     def generate(self, prompt: str | list[int], config: GenerationConfig | None = None, chat: bool = False,
                  on_tokens: Callable[[list[int]], bool | None] | None = None) -> GenerationResult:
@@ -137,22 +156,31 @@ class Engine:
         mode_source = "named" if cfg.mode is not None else self.default_mode()[1]
         policy = self.run_policy(cfg)
         cfg = self.with_tuned_defaults(cfg)
+        self.require_draft(cfg.mode)
         gamma, budget = policy.gamma, policy.budget     # the most this run may draft / roll out
-        if budget > self.manifest.branch_batch and self.draft.static_seq:
+        if cfg.mode == "lookup":
+            budget = policy.budget = 0                  # no branches: lookup windows are verified in series
+        if budget > self.manifest.branch_batch and self.draft is not None and self.draft.static_seq:
             raise MirrorDeployError(f"branch budget {budget} exceeds the static draft's {self.manifest.branch_batch}",
                                     f"use at most {self.manifest.branch_batch} or re-export with a larger --branch-batch")
         self.check_capacity(len(ids), cfg, gamma, budget)
         self.target.configure(cfg.exit_layer or self.manifest.exit_layer, cfg.kappa or self.manifest.kappa,
                               cfg.learned_exit)
-        if cfg.mode != "ar" and self.draft is None:
-            raise MirrorDeployError("this engine was opened without its draft", "open it with load_draft=True")
         emit = on_tokens or (lambda new: None)
         self.target.reset()
         if cfg.mode == "ar":
             tokens, metrics = autoregressive(self.target, ids, cfg, self.eos, emit)
+        elif cfg.mode == "lookup":
+            lookup = LookupDraft(policy if isinstance(policy, LookupWindow) else None)
+            tokens, metrics = speculative(self.target, lookup, ids, cfg, gamma, 0, self.eos, emit, policy)
         else:
-            self.draft.reset()
-            tokens, metrics = speculative(self.target, self.draft, ids, cfg, gamma, budget, self.eos, emit, policy)
+            draft = self.draft
+            if cfg.lookup:
+                tuned = tuned_for(self.tuning, self.profile.name)
+                chooser = LookupWindow(gamma, tuned_step_ratios(self.tuning, gamma) if tuned else None)
+                draft = LookupBeside(self.draft, LookupDraft(chooser), gamma)
+            draft.reset()
+            tokens, metrics = speculative(self.target, draft, ids, cfg, gamma, budget, self.eos, emit, policy)
         text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else None
         return GenerationResult(tokens, text, metrics, {**metrics.summary(), "mode_source": mode_source})
 

@@ -111,7 +111,7 @@ def speculative(target: TargetRunner, draft: DraftRunner, prompt: list[int], cfg
             # out while the suffix runs. Without a window to branch from, or none wanted, the draft
             # works after the verdict (or not at all).
             plan = policy.plan(context_len)
-            branching = mirror and bool(window.tokens) and plan.length > 0
+            branching = mirror and bool(window.tokens) and plan.length > 0 and draft.can_branch
             pp = _target_call(target.prefix, [root, *window.tokens], branching, part="target prefix")
             handle = None
             if branching:
@@ -122,8 +122,12 @@ def speculative(target: TargetRunner, draft: DraftRunner, prompt: list[int], cfg
             accepted, correction = _verify(window, logits, cfg, step)
             t_wait = time.perf_counter()
             record = StepRecord(accepted, accepted + 1, t_prefix=pp.seconds, t_suffix=t_suffix,
-                                window=len(window.tokens))
-            policy.observe(accepted, len(window.tokens))
+                                window=len(window.tokens), source=window.source if window.tokens else "")
+            # Beside the model (sd/mirror + lookup) the policy sizes the model's windows: lookup's are
+            # valued by their own figures (lookup_beside.py), not counted as the model's.
+            own = cfg.mode == "lookup" or window.source != "lookup"
+            if own:
+                policy.observe(accepted, len(window.tokens))
             if branching:
                 result = worker.finish(handle, accepted, correction)
                 policy.observe_rank(result.needed_rank)
@@ -147,8 +151,10 @@ def speculative(target: TargetRunner, draft: DraftRunner, prompt: list[int], cfg
             context_len += accepted + 1
             stop = bool(emit(new)) or stop
             record.t_step = time.perf_counter() - t_step
-            policy.observe_time(len(window.tokens), plan, record.reused if branching else None, record.t_step,
-                                pp.seconds + (0.0 if mirror else t_suffix), context_len)
+            if own:
+                policy.observe_time(len(window.tokens), plan, record.reused if branching else None, record.t_step,
+                                    pp.seconds + (0.0 if mirror else t_suffix), context_len)
+            draft.observe_step(record)
             metrics.add(record)
             window, step = next_window, step + 1
             if stop:

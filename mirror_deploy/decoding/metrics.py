@@ -12,6 +12,7 @@ class StepRecord:
     accepted: int                 # draft tokens accepted (A)
     committed: int                # tokens committed this step (A + 1)
     window: int = 0               # draft tokens verified this step (γ of this window)
+    source: str = ""              # who proposed them: draft (the model) or lookup; "" for none
     branches: int = 0             # branches the draft rolled out
     reused: bool = False          # next window came from a pre-computed branch
     fallback: bool = False        # next window needed a fresh rollout
@@ -64,6 +65,10 @@ class RunMetrics:
             "fallback_frequency": total("fallback") / windows if self.mode == "mirror" else None,
             "autoregressive_steps": sum(x.window == 0 for x in s) if self.mode != "ar" else None,
             "mean_window": total("window") / n if self.mode != "ar" else None,
+            # Accepted tokens by who proposed them; a lookup window in sd/mirror is a draft call skipped.
+            "accepted_from_draft": sum(x.accepted for x in s if x.source == "draft"),
+            "accepted_from_lookup": sum(x.accepted for x in s if x.source == "lookup"),
+            "lookup_windows": sum(x.source == "lookup" for x in s),
             "exit_hit_rate": total("exit_hits") / positions if positions else None,
             "mean_branches": total("branches") / n if self.mode == "mirror" else None,
             "t_prefix_ms": 1e3 * total("t_prefix") / n,

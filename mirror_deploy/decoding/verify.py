@@ -26,11 +26,19 @@ def verify_match(drafts: list[int], p: np.ndarray, rng: np.random.Generator) -> 
 def verify_rejection(drafts: list[int], p: np.ndarray, q: list[np.ndarray],
                      rng: np.random.Generator) -> tuple[int, int]:
     """Standard speculative sampling: accept y_j w.p. min(1, p/q); on reject sample from
-    norm(max(0, p - q)); after a full accept the bonus comes from p."""
+    norm(max(0, p - q)); after a full accept the bonus comes from p. A q of None is a one-hot draft
+    (prompt lookup): accept w.p. p(y), else sample from p without y."""
     for j, y in enumerate(drafts):
-        if rng.random() * q[j][y] < p[j][y]:  # u < p/q without dividing by a zero q
+        qj = q[j]
+        if qj is None:
+            if rng.random() < p[j][y]:
+                continue
+            residual = p[j].copy()
+            residual[y] = 0.0
+        elif rng.random() * qj[y] < p[j][y]:  # u < p/q without dividing by a zero q
             continue
-        residual = np.maximum(p[j] - q[j], 0.0)
+        else:
+            residual = np.maximum(p[j] - qj, 0.0)
         total = residual.sum()
         return j, sample(residual / total if total > 0 else p[j], rng)
     return len(drafts), sample(p[len(drafts)], rng)

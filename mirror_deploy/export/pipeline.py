@@ -80,8 +80,9 @@ def target_attention(target: SourceModel, profile: Profile, opts: ExportOptions)
     return asked or ("eager" if why or profile.target.device.lower() != "cpu" else "fused")
 
 
-def validate(target: SourceModel, draft: SourceModel, opts: ExportOptions, out: Path) -> tuple[int, list[int]]:
-    """All checks that need no weights; returns the default exit layer and the exported boundaries."""
+def validate(target: SourceModel, draft: SourceModel | None, opts: ExportOptions, out: Path) -> tuple[int, list[int]]:
+    """All checks that need no weights; returns the default exit layer and the exported boundaries.
+    `draft` None: a target-only artifact (modes ar and lookup)."""
     n = target.shape.num_layers
     exit_layer = n // 2 if opts.exit_layer is None else opts.exit_layer
     boundaries = list(opts.exit_layers) if opts.exit_layers else default_exit_layers(n)
@@ -111,12 +112,12 @@ def validate(target: SourceModel, draft: SourceModel, opts: ExportOptions, out: 
     if opts.max_context < need:
         raise MirrorDeployError(f"--max-context {opts.max_context} leaves no room for a prompt",
                                 f"use at least {need} (a few hundred or more)")
-    for model in (target, draft):
+    for model in (target, draft) if draft is not None else (target,):
         if model.shape.max_positions and opts.max_context > model.shape.max_positions:
             raise MirrorDeployError(
                 f"--max-context {opts.max_context} exceeds {model.path}'s {model.shape.max_positions} positions",
                 f"use --max-context {model.shape.max_positions} or less")
-    if draft.shape.vocab_size != vocab:
+    if draft is not None and draft.shape.vocab_size != vocab:
         raise MirrorDeployError(
             f"target and draft vocabularies differ ({vocab} vs {draft.shape.vocab_size} tokens)",
             "pick a draft trained with the target's tokenizer (e.g. a smaller model of the same family)")
@@ -240,11 +241,36 @@ def _export_parts(parts: list[tuple], stage: Path, step, kappa: int, openvino: b
     return graphs
 
 
+def _export_draft(draft: SourceModel, opts: ExportOptions, profile: Profile, stage: Path, step) -> dict[str, GraphEntry]:
+    """The draft's graphs: explicit-K/V ONNX, the stateful OpenVINO IR, and the static (NPU) IR where the
+    profile runs a static draft."""
+    graphs: dict[str, GraphEntry] = {}
+    nd = draft.shape.num_layers
+    with step(f"loading draft {draft.path.name}"):
+        draft_model = draft.load_model()
+    graphs.update(_export_parts([("draft", FullModel(draft.arch, draft_model, 0, nd, draft_top_m(draft.shape)),
+                                  draft, range(0, nd), "fp32")], stage, step, opts.kappa))
+    with step(f"compiling the stateful draft to OpenVINO IR ({opts.draft_weights} weights)"):
+        xml = export_stateful_draft(stage, draft, draft_model, opts.draft_weights)
+        graphs["draft_stateful"] = _graph_entry(stage, xml, range(0, nd), "openvino", weights=opts.draft_weights)
+    del draft_model
+    draft.release()
+    if profile.draft.static:
+        with step(f"compiling the static (NPU) draft to OpenVINO IR ({opts.draft_weights} weights)"):
+            xml = convert_draft(stage / "draft.onnx", stage / "draft_static.xml", opts.draft_weights,
+                                draft_static_shapes(draft, opts))
+            graphs["draft_static"] = _graph_entry(stage, xml, range(0, nd), "openvino", True, opts.draft_weights)
+    return graphs
+
+
 def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: Console | None = None) -> Path:
+    """`draft_path` None writes a target-only artifact: the target's graphs, tokenizer and manifest,
+    which serve `ar` and `lookup` (prompt lookup needs no draft model)."""
     console = console or Console(stderr=True)
     out = Path(out).expanduser()
     profile: Profile = load_profile(opts.profile)
-    target, draft = open_source(target_path, "target"), open_source(draft_path, "draft")
+    target = open_source(target_path, "target")
+    draft = open_source(draft_path, "draft") if draft_path is not None else None
     exit_layer, boundaries = validate(target, draft, opts, out)
     attention = target_attention(target, profile, opts)
     if TARGET_WEIGHT_BITS[opts.target_weights] and profile.target.backend == "onnxruntime":
@@ -257,7 +283,6 @@ def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: 
     if opts.target_weights == "fp16" and profile.target.backend == "onnxruntime" and profile.target.device == "cpu":
         console.print("[yellow]note:[/] --target-weights fp16 is for GPUs: ONNX Runtime's CPU provider runs fp16 "
                       "graphs through fp32 casts, slower than fp32 (fine for checks, not for speed)")
-    n, nd = target.shape.num_layers, draft.shape.num_layers
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with staging_folder(out) as stage, Progress(*columns, console=console, transient=True) as progress:
         @contextmanager
@@ -272,32 +297,21 @@ def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: 
         # draft loads (the peak was both models plus an exporter's copies).
         with step(f"loading target {target.path.name}"):
             target_tok = target.load_tokenizer()
-            _same_tokenizer(target_tok, draft.load_tokenizer())
+            if draft is not None:
+                _same_tokenizer(target_tok, draft.load_tokenizer())
             target_model = target.load_model()
         graphs = _export_parts(target_parts(target, target_model, boundaries, opts, attention), stage, step,
                                opts.kappa, openvino=profile.target.backend == "openvino")
         del target_model
         target.release()
-        with step(f"loading draft {draft.path.name}"):
-            draft_model = draft.load_model()
-        graphs.update(_export_parts([("draft", FullModel(draft.arch, draft_model, 0, nd, draft_top_m(draft.shape)),
-                                      draft, range(0, nd), "fp32")], stage, step, opts.kappa))
-        with step(f"compiling the stateful draft to OpenVINO IR ({opts.draft_weights} weights)"):
-            xml = export_stateful_draft(stage, draft, draft_model, opts.draft_weights)
-            graphs["draft_stateful"] = _graph_entry(stage, xml, range(0, nd), "openvino", weights=opts.draft_weights)
-        del draft_model
-        draft.release()
-        if profile.draft.static:
-            with step(f"compiling the static (NPU) draft to OpenVINO IR ({opts.draft_weights} weights)"):
-                xml = convert_draft(stage / "draft.onnx", stage / "draft_static.xml", opts.draft_weights,
-                                    draft_static_shapes(draft, opts))
-                graphs["draft_static"] = _graph_entry(stage, xml, range(0, nd), "openvino", True, opts.draft_weights)
+        if draft is not None:
+            graphs.update(_export_draft(draft, opts, profile, stage, step))
 
         with step("writing tokenizer and manifest"):
             if target_tok is not None:
                 target_tok.save_pretrained(stage / "tokenizer")
             manifest = Manifest(
-                target=target.describe(), draft=draft.describe(), exit_layer=exit_layer,
+                target=target.describe(), draft=draft.describe() if draft is not None else None, exit_layer=exit_layer,
                 exit_layers=boundaries, target_weights=opts.target_weights, kappa=opts.kappa,
                 gamma=opts.gamma, max_context=opts.max_context, branch_batch=opts.branch_batch,
                 profile=profile.to_dict(), graphs=graphs, tokenizer="tokenizer" if target_tok is not None else None,

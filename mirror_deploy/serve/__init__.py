@@ -40,6 +40,7 @@ def serve(folder: Path, host: str = "127.0.0.1", port: int = 8000, mode: str | N
     check_options(mode, port, max_queue)
     engine = Engine(folder, profile)
     mode = mode or engine.default_mode()[0]   # the tuned best mode, resolved once for every request
+    engine.require_draft(mode)                # sd/mirror on a target-only artifact: refused before listening
     name = model_name or Path(folder).resolve().name
     app = create_app(engine, name, max_queue, mode)
     if console is not None:

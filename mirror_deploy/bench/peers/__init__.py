@@ -3,8 +3,10 @@
 One module per peer family (hf.py, ov_genai.py, ort_genai.py; shared helpers in common.py), like
 optimum's one folder per backend; this module names them and builds them on demand.
 
-- `TransformersPlain` / `TransformersAssisted`: PyTorch fp32, `generate(assistant_model=draft)`.
-- `OpenVinoGenAI`: `openvino_genai.LLMPipeline` over IRs from `export_openvino_models` (optimum-cli).
+- `TransformersPlain` / `TransformersAssisted` / `TransformersLookup`: PyTorch fp32, `generate`,
+  `generate(assistant_model=draft)`, `generate(prompt_lookup_num_tokens=K)`.
+- `OpenVinoGenAI`: `openvino_genai.LLMPipeline` over IRs from `export_openvino_models` (optimum-cli):
+  the target alone, speculative with the draft, or with `prompt_lookup=True`.
 - `OrtGenAI`: onnxruntime-genai speculative decoding over models from `build_ortgenai_models`; its model
   builder needs transformers 5, so it runs in a separate venv (`ORTGENAI_BUILDER_VENV`).
 
@@ -17,17 +19,19 @@ from __future__ import annotations
 from typing import Callable
 
 from ...errors import MirrorDeployError
-from .hf import TransformersAssisted, TransformersPlain
+from .hf import TransformersAssisted, TransformersLookup, TransformersPlain
 from .ort_genai import OrtGenAI, build_ortgenai_models
 from .ov_genai import OV_PLACEMENTS, OV_TARGET_FORMATS, OpenVinoGenAI, export_openvino_models
 
-__all__ = ["PEER_NAMES", "make_peers", "TransformersPlain", "TransformersAssisted", "OpenVinoGenAI",
+__all__ = ["PEER_NAMES", "make_peers", "TransformersPlain", "TransformersAssisted", "TransformersLookup", "OpenVinoGenAI",
            "export_openvino_models", "OV_PLACEMENTS", "OV_TARGET_FORMATS", "OrtGenAI", "build_ortgenai_models"]
 
 
-PEER_NAMES = ("hf-target", "hf-assisted", "hf-assisted@4", "ov-genai-target@1t", "ov-genai-sd@1t",
-              "ov-genai-target@2t", "ov-genai-sd@2t", "ort-genai-target@1t", "ort-genai-sd@1t",
-              "ort-genai-target@2t", "ort-genai-sd@2t")
+PEER_NAMES = ("hf-target", "hf-assisted", "hf-assisted@4", "hf-lookup", "ov-genai-target@1t", "ov-genai-sd@1t",
+              "ov-genai-lookup@1t", "ov-genai-target@2t", "ov-genai-sd@2t", "ov-genai-lookup@2t",
+              "ort-genai-target@1t", "ort-genai-sd@1t", "ort-genai-target@2t", "ort-genai-sd@2t")
+# Peers that run the draft model (the others run the target alone, or with prompt lookup).
+NEEDS_DRAFT = ("hf-assisted", "ov-genai-sd", "ort-genai-target", "ort-genai-sd")
 
 
 def make_peers(names: list[str], manifest) -> list[tuple[str, Callable[[], object]]]:
@@ -36,7 +40,12 @@ def make_peers(names: list[str], manifest) -> list[tuple[str, Callable[[], objec
     unknown = [n for n in names if n not in PEER_NAMES]
     if unknown:
         raise MirrorDeployError(f"unknown peer(s): {', '.join(unknown)}", f"use: {', '.join(PEER_NAMES)}")
-    target, draft = manifest.target["path"], manifest.draft["path"]
+    target, draft = manifest.target["path"], manifest.draft["path"] if manifest.has_draft else None
+    need_draft = [n for n in names if n.partition("@")[0] in NEEDS_DRAFT]
+    if draft is None and need_draft:
+        raise MirrorDeployError(f"peer(s) {', '.join(need_draft)} need the draft model, and this is a target-only "
+                                "artifact", "use hf-target, hf-lookup, ov-genai-target@.. or ov-genai-lookup@.., "
+                                "or export with --draft")
 
     def factory(name: str):
         family, _, placement = name.partition("@")
@@ -44,10 +53,14 @@ def make_peers(names: list[str], manifest) -> list[tuple[str, Callable[[], objec
             return TransformersPlain(target)
         if family == "hf-assisted":
             return TransformersAssisted(target, draft, num_assistant_tokens=int(placement) if placement else None)
+        if family == "hf-lookup":
+            return TransformersLookup(target)
         if family.startswith("ov-genai"):
-            target_ir, draft_ir = export_openvino_models(target, draft,
+            speculative = family.endswith("sd")
+            target_ir, draft_ir = export_openvino_models(target, draft if speculative else None,
                                                          target_weight_format=manifest.target_weights)
-            return OpenVinoGenAI(target_ir, draft_ir if family.endswith("sd") else None, placement)
+            return OpenVinoGenAI(target_ir, draft_ir if speculative else None, placement,
+                                 prompt_lookup=family.endswith("lookup"))
         folder = build_ortgenai_models(target, draft)
         return OrtGenAI(folder, speculative=family.endswith("sd"), threads=int(placement.rstrip("t")))
 

@@ -1,5 +1,5 @@
-"""transformers as a peer: the target alone (`generate`) and assisted generation
-(`generate(assistant_model=draft)`), PyTorch fp32."""
+"""transformers as a peer: the target alone (`generate`), assisted generation
+(`generate(assistant_model=draft)`) and prompt lookup (`generate(prompt_lookup_num_tokens=K)`), PyTorch fp32."""
 from __future__ import annotations
 
 import copy
@@ -46,13 +46,14 @@ class TransformersPlain:
     def __init__(self, target_dir, threads: int = 2):
         self.threads, self.draft = threads, None
         self.target = _load_hf(target_dir)
+        self.extra: dict = {}   # further generate() arguments of a subclass
 
     def generate(self, prompt_ids, max_new_tokens, temperature=0.0, seed=0) -> MethodRun:
         import torch
         greedy_only(self.name, temperature)
         torch.set_num_threads(self.threads)  # process-wide: set per call, other methods may change it
         ids = torch.tensor([list(prompt_ids)])
-        kwargs, calls = {}, {"target": 0, "draft": 0}
+        kwargs, calls = dict(self.extra), {"target": 0, "draft": 0}
         if self.draft is not None:
             # The library adapts draft length and confidence threshold in place, across calls: restore
             # them so every prompt starts from the same state whatever ran before.
@@ -70,7 +71,7 @@ class TransformersPlain:
         finally:
             for hook in hooks:
                 hook.remove()
-        tokens = out[0, ids.shape[1]:].tolist()
+        tokens = out[0, ids.shape[1]:].tolist()[:max_new_tokens]   # prompt lookup may verify one past it
         prefill = (clock.first or t0) - t0
         figures = per_call(len(tokens), calls["target"]) | {"total_s": total}
         if self.draft is not None:
@@ -95,3 +96,16 @@ class TransformersAssisted(TransformersPlain):
             self.draft.generation_config.num_assistant_tokens = num_assistant_tokens
             self.name = f"hf-assisted@{num_assistant_tokens}"
         self._draft_config = copy.deepcopy(self.draft.generation_config)
+
+
+class TransformersLookup(TransformersPlain):
+    """Prompt lookup: `generate(prompt_lookup_num_tokens=K)` (the library's n-gram candidate generator,
+    matching up to `max_matching_ngram_size` tokens; its defaults: 2)."""
+
+    name = "hf-lookup"
+
+    def __init__(self, target_dir, threads: int = 2, num_tokens: int = 10):
+        super().__init__(target_dir, threads)
+        # Its candidate generator cuts candidates at EOS and fails on the clean config's eos None: an id
+        # past the vocabulary can never be produced, so generation still neither stops at nor masks EOS.
+        self.extra = {"prompt_lookup_num_tokens": num_tokens, "eos_token_id": self.target.config.vocab_size}

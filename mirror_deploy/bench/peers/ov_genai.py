@@ -49,7 +49,9 @@ def export_openvino_models(target_dir, draft_dir, cache=None, draft_weight_forma
         return ["--group-size", str(group_size), "--ratio", "1.0", "--sym"] if fmt == "int4" else []
 
     target_fmt = OV_TARGET_FORMATS[target_weight_format]
-    jobs = [(target_dir, target_fmt, quant(target_fmt)), (draft_dir, draft_weight_format, quant(draft_weight_format))]
+    jobs = [(target_dir, target_fmt, quant(target_fmt))]
+    if draft_dir is not None:   # else the target alone (a target-only artifact, or a peer without the draft)
+        jobs.append((draft_dir, draft_weight_format, quant(draft_weight_format)))
     outs = [cache_entry(cache, f"ov-{fmt}" + (f"-g{group_size}" if extra else ""), model) for model, fmt, extra in jobs]
 
     def build(temps: dict[int, Path]) -> None:
@@ -57,23 +59,31 @@ def export_openvino_models(target_dir, draft_dir, cache=None, draft_weight_forma
                   *jobs[i][2], str(temp)] for i, temp in temps.items()]
         run_step([sys.executable, "-c", _OV_EXPORT, json.dumps(argvs)], "optimum-cli export openvino")
 
-    target_ir, draft_ir = build_once(outs, build)
-    return target_ir, draft_ir
+    built = build_once(outs, build)
+    return built[0], built[1] if draft_dir is not None else None
 
 
 class OpenVinoGenAI:
-    """`openvino_genai.LLMPipeline` on CPU: speculative with `draft_ir`, the target alone without.
+    """`openvino_genai.LLMPipeline` on CPU: speculative with `draft_ir`, prompt lookup with `prompt_lookup`
+    (`num_assistant_tokens` candidates from n-grams of up to `max_ngram_size`), else the target alone.
     `placement` is "1t" (one thread per model, our engine's setting) or "2t" (plugin defaults)."""
 
     def __init__(self, target_ir, draft_ir=None, placement: str = "1t", num_assistant_tokens: int = 4,
-                 device: str = "CPU"):
+                 device: str = "CPU", prompt_lookup: bool = False, max_ngram_size: int = 3):
         genai = require("openvino_genai")
         if placement not in OV_PLACEMENTS:
             raise MirrorDeployError(f"unknown placement {placement!r}", f"use one of {', '.join(OV_PLACEMENTS)}")
         props = OV_PLACEMENTS[placement]
-        self.speculative, self.num_assistant_tokens = draft_ir is not None, num_assistant_tokens
-        self.name = f"ov-genai-{'sd' if self.speculative else 'target'}@{placement}"
-        extra = {"draft_model": genai.draft_model(str(draft_ir), device, **props)} if self.speculative else {}
+        if prompt_lookup and draft_ir is not None:
+            raise MirrorDeployError("OpenVINO GenAI runs prompt lookup or a draft model, not both",
+                                    "pass draft_ir=None with prompt_lookup=True")
+        self.speculative, self.num_assistant_tokens = draft_ir is not None or prompt_lookup, num_assistant_tokens
+        self.lookup, self.max_ngram_size = prompt_lookup, max_ngram_size
+        kind = "lookup" if prompt_lookup else "sd" if draft_ir is not None else "target"
+        self.name = f"ov-genai-{kind}@{placement}"
+        extra = {"draft_model": genai.draft_model(str(draft_ir), device, **props)} if draft_ir is not None else {}
+        if prompt_lookup:
+            extra["prompt_lookup"] = True
         # On CPU, LLMPipeline runs continuous batching with prefix caching on, so a repeated prompt would
         # skip its prefill; off here, so repeats measure the same work (its other defaults kept: unlimited batch).
         sched = genai.SchedulerConfig()
@@ -88,6 +98,8 @@ class OpenVinoGenAI:
         cfg = genai.GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, ignore_eos=True)
         if self.speculative:
             cfg.num_assistant_tokens = self.num_assistant_tokens
+        if self.lookup:
+            cfg.max_ngram_size = self.max_ngram_size
         ids = ov.Tensor(np.asarray([list(prompt_ids)], dtype=np.int64))  # token ids in: no re-tokenisation
         t0 = time.perf_counter()
         result = self.pipe.generate(ids, cfg)

@@ -1,0 +1,147 @@
+"""Prompt lookup beside the draft model (`sd` / `mirror` with `GenerationConfig(lookup=True)`).
+
+After each verdict the step has two candidate next windows: the draft model's (Mirror: a branch it
+already rolled out beside the suffix, free; otherwise a fresh rollout, one draft call per token) and
+prompt lookup's (free, from the committed text). Where lookup's window is worth more expected tokens
+per second than the model's, it is verified instead and the model idles: the tokens committed meanwhile
+wait in its `pending` list and are fed in one call when it drafts again, so that step costs no draft
+call. A branch the model already holds is always kept (it cost nothing on the step's path).
+
+Both values come from the run's own figures: acceptance per depth of each source (lookup's per match
+length), the target's step time per window length, and the model's time per drafted token. Exactness is
+untouched: whichever source proposed it, the target verifies the window with the same rule (a lookup
+token is a one-hot draft).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .config import GenerationConfig
+from .draft import BranchRun, DraftRunner, Window
+from .lookup import LookupDraft, LookupWindow
+from .policy import DecayedRate
+
+MODEL_PRIOR_ACCEPTANCE = 0.7   # the real 0.5B draft accepts ~80% of first tokens (tune's replays)
+
+
+class LookupBeside:
+    """The draft runner's interface over the model (`model`) and prompt lookup (`lookup`, whose
+    `window` policy values lookup windows); `source` says who proposed the window being verified."""
+
+    can_branch = property(lambda self: self.source == "model")   # Mirror branches from model windows only
+
+    def __init__(self, model: DraftRunner, lookup: LookupDraft, gamma: int):
+        if lookup.window is None:
+            raise ValueError("lookup beside the draft needs a LookupWindow to value its windows")
+        self.model, self.lookup, self.chooser = model, lookup, lookup.window
+        self.static_seq, self.graph = model.static_seq, model.graph
+        self.model_accept = DecayedRate(np.full(gamma, MODEL_PRIOR_ACCEPTANCE))
+        self.reset()
+
+    def reset(self) -> None:
+        self.model.reset()
+        self.lookup.reset()
+        self.source = "model"
+        self.model_token_s: float | None = None   # decayed mean seconds of one fresh draft token
+
+    @property
+    def pending(self) -> list[int]:
+        return self.model.pending
+
+    @pending.setter
+    def pending(self, tokens: list[int]) -> None:   # the loop's: the run starts without a window
+        self.model.pending, self.lookup.pending = list(tokens), list(tokens)
+
+    def take_busy(self) -> float:
+        return self.model.take_busy() + self.lookup.take_busy()
+
+    def prefill(self, tokens: list[int], start: int = 0) -> None:
+        self.lookup.prefill(tokens, start)
+        self.model.prefill(tokens, start)
+
+    def roll_out_branches(self, *args, **kwargs) -> BranchRun:
+        return self.model.roll_out_branches(*args, **kwargs)
+
+    def observe_step(self, record) -> None:
+        """A finished step's target time, by the length of the window it verified."""
+        self.chooser.costs.add(record.window, record.t_prefix + record.t_suffix)
+
+    # -- the choice ---------------------------------------------------------------------------
+    def _lookup_window(self, length: int) -> tuple[Window, float]:
+        """Lookup's best window (at most γ, whatever the model's next length) and its value (expected
+        tokens per second; 0 without a window)."""
+        tokens, n = self.lookup.index.propose(self.chooser.gamma)
+        keep = self.chooser.choose(tokens, n)
+        if not keep:
+            return Window(), 0.0
+        return self._as_window(tokens[:keep]), self._value(self.chooser.expected_tokens(n)[keep], keep, 0.0)
+
+    def _model_value(self, length: int) -> float:
+        if length == 0:
+            return self._value(1.0, 0, 0.0)
+        expected = 1.0 + np.cumsum(np.cumprod(self.model_accept.rates()))[length - 1]
+        return self._value(expected, length, length * (self.model_token_s or 0.0))
+
+    def _value(self, expected: float, length: int, draft_s: float) -> float:
+        step = self.chooser.costs.seconds()
+        return expected / (step[min(length, len(step) - 1)] + draft_s)
+
+    @staticmethod
+    def _as_window(tokens: list[int]) -> Window:
+        return Window(tokens=list(tokens), probs=[None] * len(tokens), source="lookup")
+
+    # -- the loop's calls ---------------------------------------------------------------------
+    def rollout_fresh(self, root: int, root_pos: int, gamma: int, cfg: GenerationConfig, window_id: int,
+                      missing: list[int] = ()) -> Window:
+        self.lookup.index.extend([*missing, root])
+        window, value = self._lookup_window(gamma)
+        if window.tokens and value >= self._model_value(gamma):
+            self.model.pending, self.source = [*missing, root], "lookup"
+            return window
+        self.source = "model"
+        return self.model.rollout_fresh(root, root_pos, gamma, cfg, window_id, missing)
+
+    def advance(self, accepted: int, correction: int, drafts: list[int], root_pos: int, length: int,
+                cfg: GenerationConfig, window_id: int, run: BranchRun | None = None) -> tuple[Window, bool]:
+        if drafts:
+            if self.source == "lookup":
+                self.chooser.observe(accepted, len(drafts))
+            else:
+                depth = np.arange(1, len(self.model_accept.prior) + 1)
+                self.model_accept.add((depth <= accepted).astype(float),
+                                      (depth <= min(accepted + 1, len(drafts))).astype(float))
+        self.lookup.commit(accepted, correction, drafts)
+        branch = run.branches.get((accepted + 1, correction)) if run is not None else None
+        if not (self.source == "model" and branch is not None and len(branch.window.tokens) == length):
+            window, value = self._lookup_window(length)
+            if window.tokens and value >= self._model_value(length):
+                self._idle_model(accepted, correction, drafts, root_pos, cfg, window_id, run)
+                self.source = "lookup"
+                return window, False
+        if self.source == "lookup":       # the model idled through a lookup window: catch it up
+            self.model.pending.extend([*drafts[:accepted], correction])
+            self.source = "model"
+            if not length:
+                return Window(), False
+            t0 = time.perf_counter()
+            window = self.model._resume(root_pos + accepted + 1, length, cfg, window_id)
+            self._time_model(time.perf_counter() - t0, length)
+            return window, False
+        t0 = time.perf_counter()
+        window, reused = self.model.advance(accepted, correction, drafts, root_pos, length, cfg, window_id, run)
+        if not reused and length:
+            self._time_model(time.perf_counter() - t0, length)
+        return window, reused
+
+    def _idle_model(self, accepted, correction, drafts, root_pos, cfg, window_id, run) -> None:
+        """Commit the verdict on the model's side without drafting: it keeps the tokens pending."""
+        if self.source == "lookup":
+            self.model.pending.extend([*drafts[:accepted], correction])
+        else:
+            self.model.advance(accepted, correction, drafts, root_pos, 0, cfg, window_id, run)
+
+    def _time_model(self, seconds: float, tokens: int) -> None:
+        per_token = seconds / tokens
+        self.model_token_s = per_token if self.model_token_s is None else 0.8 * self.model_token_s + 0.2 * per_token
