@@ -11,6 +11,10 @@ Both values come from the run's own figures: acceptance per depth of each source
 length), the target's step time per window length, and the model's time per drafted token. Exactness is
 untouched: whichever source proposed it, the target verifies the window with the same rule (a lookup
 token is a one-hot draft).
+
+Where neither window is worth more than a plain autoregressive step (the model's drafting measured
+dearer than what it saves, and no lookup match worth a window), the step is autoregressive and the model
+idles; every PROBE_EVERY such steps it drafts once more, so a model that would pay again is noticed.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from .lookup import LookupDraft, LookupWindow
 from .policy import DecayedRate
 
 MODEL_PRIOR_ACCEPTANCE = 0.7   # the real 0.5B draft accepts ~80% of first tokens (tune's replays)
+PROBE_EVERY = 16               # autoregressive steps chosen over the model before it drafts again
 
 
 class LookupBeside:
@@ -45,6 +50,7 @@ class LookupBeside:
         self.lookup.reset()
         self.source = "model"
         self.model_token_s: float | None = None   # decayed mean seconds of one fresh draft token
+        self.idle_steps = 0                         # autoregressive steps chosen over the model in a row
 
     @property
     def pending(self) -> list[int]:
@@ -78,11 +84,24 @@ class LookupBeside:
             return Window(), 0.0
         return self._as_window(tokens[:keep]), self._value(self.chooser.expected_tokens(n)[keep], keep, 0.0)
 
-    def _model_value(self, length: int) -> float:
+    def _model_value(self, length: int, free: bool = False) -> float:
+        """The model's next window of `length`: a branch already rolled out (`free`) costs no draft time
+        on the step's path, a fresh rollout one draft call per token."""
         if length == 0:
             return self._value(1.0, 0, 0.0)
         expected = 1.0 + np.cumsum(np.cumprod(self.model_accept.rates()))[length - 1]
-        return self._value(expected, length, length * (self.model_token_s or 0.0))
+        return self._value(expected, length, 0.0 if free else length * (self.model_token_s or 0.0))
+
+    def _model_pays(self, length: int, free: bool) -> bool:
+        """Is the model's window worth more than an autoregressive step (or is a probe due)?"""
+        if free or not length or self._model_value(length) >= self._model_value(0):
+            self.idle_steps = 0
+            return True
+        self.idle_steps += 1
+        if self.idle_steps >= PROBE_EVERY:
+            self.idle_steps = 0
+            return True
+        return False
 
     def _value(self, expected: float, length: int, draft_s: float) -> float:
         step = self.chooser.costs.seconds()
@@ -114,12 +133,16 @@ class LookupBeside:
                                       (depth <= min(accepted + 1, len(drafts))).astype(float))
         self.lookup.commit(accepted, correction, drafts)
         branch = run.branches.get((accepted + 1, correction)) if run is not None else None
-        if not (self.source == "model" and branch is not None and len(branch.window.tokens) == length):
-            window, value = self._lookup_window(length)
-            if window.tokens and value >= self._model_value(length):
-                self._idle_model(accepted, correction, drafts, root_pos, cfg, window_id, run)
-                self.source = "lookup"
-                return window, False
+        free = self.source == "model" and branch is not None and len(branch.window.tokens) == length
+        window, value = self._lookup_window(length)
+        if window.tokens and value >= self._model_value(length, free):
+            self._idle_model(accepted, correction, drafts, root_pos, cfg, window_id, run)
+            self.source = "lookup"
+            return window, False
+        if not self._model_pays(length, free):    # an autoregressive step: the model idles
+            self._idle_model(accepted, correction, drafts, root_pos, cfg, window_id, run)
+            self.source = "model"
+            return Window(), False
         if self.source == "lookup":       # the model idled through a lookup window: catch it up
             self.model.pending.extend([*drafts[:accepted], correction])
             self.source = "model"
