@@ -125,15 +125,21 @@ class Engine:
         from .policy import CostAwareWindow, HeuristicWindow, TunedCosts
         cfg = self.with_tuned_defaults(cfg)
         gamma, budget = self._window_and_budget(cfg)
-        if cfg.mode == "lookup" and cfg.adaptive_gamma and cfg.window_policy != "heuristic":
-            tuned = tuned_for(self.tuning, self.profile.name)
-            return LookupWindow(gamma, tuned_step_ratios(self.tuning, gamma) if tuned else None)
+        if cfg.mode == "lookup":
+            budget = 0                                  # no branches: lookup windows are verified in series
+            if cfg.adaptive_gamma and cfg.window_policy != "heuristic":
+                return self._lookup_window(gamma)
         if (cfg.mode in ("ar", "lookup") or not cfg.adaptive_gamma or cfg.window_policy == "heuristic"
                 or not tuned_for(self.tuning, self.profile.name)):
             return HeuristicWindow(gamma, budget, cfg.adaptive_gamma)
         exit_layer, kappa = cfg.exit_layer or self.manifest.exit_layer, cfg.kappa or self.manifest.kappa
         costs = TunedCosts.from_tuning(self.tuning, exit_layer, kappa, gamma, budget)
         return CostAwareWindow(cfg.mode, costs, gamma, budget, gamma, exit_layer, kappa)
+
+    def _lookup_window(self, gamma: int) -> LookupWindow:
+        """Lookup's window chooser, its step costs starting from `tune`'s curves where tuned for this profile."""
+        tuned = tuned_for(self.tuning, self.profile.name)
+        return LookupWindow(gamma, tuned_step_ratios(self.tuning, gamma) if tuned else None)
 
     def require_draft(self, mode: str) -> None:
         """sd and mirror run the draft model: refuse them, before any work, where there is none."""
@@ -158,8 +164,6 @@ class Engine:
         cfg = self.with_tuned_defaults(cfg)
         self.require_draft(cfg.mode)
         gamma, budget = policy.gamma, policy.budget     # the most this run may draft / roll out
-        if cfg.mode == "lookup":
-            budget = policy.budget = 0                  # no branches: lookup windows are verified in series
         if budget > self.manifest.branch_batch and self.draft is not None and self.draft.static_seq:
             raise MirrorDeployError(f"branch budget {budget} exceeds the static draft's {self.manifest.branch_batch}",
                                     f"use at most {self.manifest.branch_batch} or re-export with a larger --branch-batch")
@@ -176,9 +180,7 @@ class Engine:
         else:
             draft = self.draft
             if cfg.lookup:
-                tuned = tuned_for(self.tuning, self.profile.name)
-                chooser = LookupWindow(gamma, tuned_step_ratios(self.tuning, gamma) if tuned else None)
-                draft = LookupBeside(self.draft, LookupDraft(chooser), gamma)
+                draft = LookupBeside(self.draft, LookupDraft(self._lookup_window(gamma)), gamma)
             draft.reset()
             tokens, metrics = speculative(self.target, draft, ids, cfg, gamma, budget, self.eos, emit, policy)
         text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else None

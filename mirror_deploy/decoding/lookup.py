@@ -117,8 +117,8 @@ class LookupWindow:
     only caps the window at γ; `choose` cuts each proposal to the length with the most expected tokens
     per second, by match length n and the run's measured step costs (0: an autoregressive step)."""
 
-    def __init__(self, gamma: int, prior_ratio: np.ndarray | None = None, adaptive: bool = True):
-        self.gamma, self.budget, self.adaptive = gamma, 0, adaptive
+    def __init__(self, gamma: int, prior_ratio: np.ndarray | None = None):
+        self.gamma, self.budget = gamma, 0
         self.costs = StepCosts(gamma, prior_ratio)
         self.accept = {n: DecayedRate(np.full(gamma, p)) for n, p in PRIOR_ACCEPTANCE.items()}
         self.last_n = 0
@@ -128,23 +128,20 @@ class LookupWindow:
 
     def expected_tokens(self, n: int) -> np.ndarray:
         """L -> 1 + E[accepted] for a window of L from a match of length n."""
-        reach = np.cumprod(self.accept[min(n, MAX_NGRAM)].rates())
-        return 1.0 + np.concatenate([[0.0], np.cumsum(reach)])
+        return self.accept[min(n, MAX_NGRAM)].expected_tokens()
 
     def choose(self, proposal: list[int], n: int) -> int:
         """How many of the proposal's tokens to verify."""
         self.last_n = n
-        if not proposal or not self.adaptive:
-            return len(proposal)
+        if not proposal:
+            return 0
         upto = len(proposal) + 1
         value = self.expected_tokens(n)[:upto] / self.costs.relative()[:upto]
         return int(np.argmax(value))
 
     def observe(self, accepted: int, drafted: int) -> None:
         if drafted and self.last_n:
-            depth = np.arange(1, self.gamma + 1)
-            self.accept[min(self.last_n, MAX_NGRAM)].add((depth <= accepted).astype(float),
-                                                         (depth <= min(accepted + 1, drafted)).astype(float))
+            self.accept[min(self.last_n, MAX_NGRAM)].observe_window(accepted, drafted)
 
     def observe_rank(self, rank: int) -> None:
         pass
@@ -182,8 +179,9 @@ class LookupDraft:
     def prefill(self, tokens: list[int], start: int = 0) -> None:
         self.index.extend(list(tokens))
 
-    def propose(self, length: int) -> Window:
-        """The next window from the committed history (the index holds it through the root)."""
+    def propose(self, length: int) -> tuple[Window, int]:
+        """The next window from the committed history (the index holds it through the root), and the
+        length n of the match it came from (0: none)."""
         t0 = time.perf_counter()
         tokens, n = self.index.propose(length)
         if self.window is not None:
@@ -192,12 +190,12 @@ class LookupDraft:
         if tokens:
             self.windows += 1
             self.proposed += len(tokens)
-        return Window(tokens=list(tokens), probs=[None] * len(tokens), source="lookup")
+        return Window(tokens=list(tokens), probs=[None] * len(tokens), source="lookup"), n
 
     def rollout_fresh(self, root: int, root_pos: int, gamma: int, cfg: GenerationConfig, window_id: int,
                       missing: list[int] = ()) -> Window:
         self.index.extend([*missing, root])
-        return self.propose(gamma)
+        return self.propose(gamma)[0]
 
     def commit(self, accepted: int, correction: int, drafts: list[int]) -> None:
         """The step's verdict: its accepted drafts and the correction join the history."""
@@ -209,4 +207,4 @@ class LookupDraft:
                 cfg: GenerationConfig, window_id: int, run=None) -> tuple[Window, bool]:
         """Commit the accepted proposals and the correction, then look up the next window."""
         self.commit(accepted, correction, drafts)
-        return self.propose(length), False
+        return self.propose(length)[0], False

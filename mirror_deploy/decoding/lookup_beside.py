@@ -24,7 +24,7 @@ import numpy as np
 
 from .config import GenerationConfig
 from .draft import BranchRun, DraftRunner, Window
-from .lookup import LookupDraft, LookupWindow
+from .lookup import LookupDraft
 from .policy import DecayedRate
 
 MODEL_PRIOR_ACCEPTANCE = 0.7   # the real 0.5B draft accepts ~80% of first tokens (tune's replays)
@@ -75,21 +75,19 @@ class LookupBeside:
         self.chooser.costs.add(record.window, record.t_prefix + record.t_suffix)
 
     # -- the choice ---------------------------------------------------------------------------
-    def _lookup_window(self, length: int) -> tuple[Window, float]:
+    def _lookup_window(self) -> tuple[Window, float]:
         """Lookup's best window (at most γ, whatever the model's next length) and its value (expected
         tokens per second; 0 without a window)."""
-        tokens, n = self.lookup.index.propose(self.chooser.gamma)
-        keep = self.chooser.choose(tokens, n)
-        if not keep:
-            return Window(), 0.0
-        return self._as_window(tokens[:keep]), self._value(self.chooser.expected_tokens(n)[keep], keep, 0.0)
+        window, n = self.lookup.propose(self.chooser.gamma)
+        keep = len(window.tokens)
+        return window, self._value(self.chooser.expected_tokens(n)[keep], keep, 0.0) if keep else 0.0
 
     def _model_value(self, length: int, free: bool = False) -> float:
         """The model's next window of `length`: a branch already rolled out (`free`) costs no draft time
         on the step's path, a fresh rollout one draft call per token."""
         if length == 0:
             return self._value(1.0, 0, 0.0)
-        expected = 1.0 + np.cumsum(np.cumprod(self.model_accept.rates()))[length - 1]
+        expected = self.model_accept.expected_tokens()[length]
         return self._value(expected, length, 0.0 if free else length * (self.model_token_s or 0.0))
 
     def _model_pays(self, length: int, free: bool) -> bool:
@@ -107,15 +105,11 @@ class LookupBeside:
         step = self.chooser.costs.seconds()
         return expected / (step[min(length, len(step) - 1)] + draft_s)
 
-    @staticmethod
-    def _as_window(tokens: list[int]) -> Window:
-        return Window(tokens=list(tokens), probs=[None] * len(tokens), source="lookup")
-
     # -- the loop's calls ---------------------------------------------------------------------
     def rollout_fresh(self, root: int, root_pos: int, gamma: int, cfg: GenerationConfig, window_id: int,
                       missing: list[int] = ()) -> Window:
         self.lookup.index.extend([*missing, root])
-        window, value = self._lookup_window(gamma)
+        window, value = self._lookup_window()
         if window.tokens and value >= self._model_value(gamma):
             self.model.pending, self.source = [*missing, root], "lookup"
             return window
@@ -128,13 +122,11 @@ class LookupBeside:
             if self.source == "lookup":
                 self.chooser.observe(accepted, len(drafts))
             else:
-                depth = np.arange(1, len(self.model_accept.prior) + 1)
-                self.model_accept.add((depth <= accepted).astype(float),
-                                      (depth <= min(accepted + 1, len(drafts))).astype(float))
+                self.model_accept.observe_window(accepted, len(drafts))
         self.lookup.commit(accepted, correction, drafts)
         branch = run.branches.get((accepted + 1, correction)) if run is not None else None
         free = self.source == "model" and branch is not None and len(branch.window.tokens) == length
-        window, value = self._lookup_window(length)
+        window, value = self._lookup_window()
         if window.tokens and value >= self._model_value(length, free):
             self._idle_model(accepted, correction, drafts, root_pos, cfg, window_id, run)
             self.source = "lookup"

@@ -90,6 +90,16 @@ class DecayedRate:
     def rates(self) -> np.ndarray:
         return (self.hits + self.weight * self.prior) / (self.seen + self.weight)
 
+    def observe_window(self, accepted: int, drafted: int) -> None:
+        """A verified window, with rates per depth: depths up to `accepted` hit, the first rejected one
+        missed, deeper ones were never reached (no evidence)."""
+        depth = np.arange(1, len(self.prior) + 1)
+        self.add((depth <= accepted).astype(float), (depth <= min(accepted + 1, drafted)).astype(float))
+
+    def expected_tokens(self) -> np.ndarray:
+        """L -> 1 + E[accepted] for a window of L, with rates per depth."""
+        return 1.0 + np.concatenate([[0.0], np.cumsum(np.cumprod(self.rates()))])
+
 
 @dataclass
 class TunedCosts:
@@ -146,8 +156,7 @@ class CostAwareWindow:
         if accepted:
             self.wait = self.MIN_WAIT    # the draft agrees again: probing is cheap
         self.rejected_run = 0 if accepted else self.rejected_run + 1
-        depth = np.arange(1, self.gamma + 1)
-        self.accept.add((depth <= accepted).astype(float), (depth <= min(accepted + 1, drafted)).astype(float))
+        self.accept.observe_window(accepted, drafted)
 
     def observe_rank(self, rank: int) -> None:
         """The needed branch's rank in the worker's full ranking (-1: not ranked at all)."""
@@ -177,8 +186,7 @@ class CostAwareWindow:
     # -- the choice -----------------------------------------------------------------------------
     def expected_tokens(self) -> np.ndarray:
         """L -> 1 + E[accepted] for a window of L, from the run's acceptance per depth."""
-        reach = np.cumprod(self.accept.rates())
-        return 1.0 + np.concatenate([[0.0], np.cumsum(reach)])
+        return self.accept.expected_tokens()
 
     def _step_ms(self, context: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """[L, b] step times on a hit and on a miss at this context (L = 0: autoregressive), and [L] the
