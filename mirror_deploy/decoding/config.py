@@ -53,7 +53,7 @@ class GenerationConfig:
             (self.gamma is None or self.gamma >= 1, "gamma must be >= 1", "use e.g. 4"),
             (self.kappa is None or self.kappa >= 1, "kappa must be >= 1", "use e.g. 8"),
             (not (self.lookup and self.mode in ("ar", "lookup")), f"lookup beside the draft applies to sd and "
-             f"mirror, not mode {self.mode}", "use mode lookup for prompt lookup alone, or drop lookup=True"),
+             f"mirror, not mode {self.mode}", "use mode lookup for prompt lookup alone, or drop --lookup (lookup=True)"),
         ]
         for ok, problem, fix in checks:
             if not ok:
