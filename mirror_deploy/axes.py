@@ -8,6 +8,10 @@ from __future__ import annotations
 
 SEQ, PAST, ROWS = "seq", "past", "rows"
 TOTAL = f"{PAST}+{SEQ}"
+# Fused target attention reads the K/V buffer up to the next multiple of this many positions, so a row's
+# reductions have one length whether it runs in a verify window or alone; the runtime splits a window
+# that crosses a multiple (runtimes/kv.py), keeping every row's result independent of its window.
+ATTENTION_SPAN = 256
 
 
 def static_dims(seq: int, past: int, rows: int) -> dict[str, int]:

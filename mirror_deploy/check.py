@@ -8,6 +8,7 @@ masked draft branches, padded static calls). Each finding is a row; any FAIL mak
 """
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from .errors import MirrorDeployError
 from .export.architectures import arch_for
 from .export.onnx_export import read_io
 from .export.openvino_ir import ir_io
+from .check_gguf import check_gguf_weights
 from .parity import ATOL, DRAFT_GRAPHS, RTOL, TOP1_MIN, check_parity, fp32_limit, mean_kl, parity_names  # noqa: F401
 from .runtimes.loader import draft_graph_name, open_graph, target_graph_names
 from .runtimes.openvino import core
@@ -60,6 +62,8 @@ def check_artifact(folder, profile: str | None = None, skip_parity: bool = False
         return report
     _check_tuning(folder, manifest, report)
     _check_fused_target(folder, manifest, intact, report)
+    if manifest.target_weights == "gguf":
+        check_gguf_weights(folder, manifest, intact, report)
     if problems:
         return report  # graphs described by a manifest that disagrees with itself are not worth loading
     graphs = _load_graphs(folder, manifest, prof, intact, report)
@@ -153,11 +157,16 @@ def _check_fused_target(folder: Path, m: Manifest, intact: set[str], report: Che
         report.skip("fused attention", "target", "not counted: a segment file is damaged (see hash)")
         return
     ops: dict[str, int] = {}
+    projections = set()
     for name in names:
         for node in onnx.load(str(folder / m.graphs[name].file), load_external_data=False).graph.node:
             ops[node.op_type] = ops.get(node.op_type, 0) + 1
+            # A GGUF projection may be several MatMulNBits (one per type, `.partN`) plus its offsets' MatMul.
+            base = re.sub(r"\.part\d+$", "", node.name.split("/")[0])
+            if node.op_type in ("MatMul", "MatMulNBits") and base.endswith("_proj") and not node.name.endswith("/Offsets"):
+                projections.add(base)
     layers = m.target["num_layers"]
-    gqa, matmuls = ops.get("GroupQueryAttention", 0), ops.get("MatMul", 0) + ops.get("MatMulNBits", 0)
+    gqa, matmuls = ops.get("GroupQueryAttention", 0), len(projections)
     report.add("fused attention", "target", gqa == layers and matmuls == 4 * layers,
                f"{gqa} of {layers} layers run GroupQueryAttention (in-place K/V); {matmuls} weight MatMuls "
                f"(4 a layer: packed QKV, o, packed gate/up, down)",

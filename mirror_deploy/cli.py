@@ -64,9 +64,10 @@ def export(
     branch_batch: int = typer.Option(8, help="Most branches the draft decodes per call (static width − 1)."),
     profile: str = typer.Option("cpu-sim", help="Device profile name or .toml file."),
     draft_weights: str = typer.Option("fp32", help="Draft weight format for its device: fp32|fp16|int8|int4."),
-    target_weights: str = typer.Option("fp32", help="Target weight format: fp32|fp16|int8|int4. int8/int4 are "
+    target_weights: str = typer.Option("fp32", help="Target weight format: fp32|fp16|int8|int4|gguf. int8/int4 are "
                                        "weight-only: ONNX Runtime MatMulNBits, or NNCF in OpenVINO IR when the "
-                                       "profile runs the target on OpenVINO; fp16 is for GPUs."),
+                                       "profile runs the target on OpenVINO; fp16 is for GPUs; gguf keeps the "
+                                       "source GGUF's own blocks (a .gguf target, or a pulled registry model)."),
     exit_head_weights: str = typer.Option("shared", help="Early-exit head: shared (the target's own) or a "
                                           "cheaper int8|int4 copy (it only ranks branches: speed, never output)."),
     target_attention: Optional[str] = typer.Option(
@@ -275,10 +276,16 @@ def models_list():
 
 @models_app.command("pull")
 @friendly
-def models_pull(name: str = typer.Argument("qwen2.5-coder", help="A model or a pair name.")):
+def models_pull(name: str = typer.Argument("qwen2.5-coder", help="A model or a pair name."),
+                gguf: bool = typer.Option(False, "--gguf", help="Only the published GGUF file (its own "
+                                          "quantization, for `export FILE --target-weights gguf`): no dense copy.")):
     """Download, verify (sha256) and convert once into the cache."""
-    from .models import PAIRS, pull, pull_pair
-    paths = pull_pair(name) if name in PAIRS else (pull(name),)
+    from .models import PAIRS, get_pair, pull, pull_gguf, pull_pair
+    names = [get_pair(name).target, get_pair(name).draft] if name in PAIRS else [name]
+    if gguf:
+        paths = [pull_gguf(n) for n in names]
+    else:
+        paths = pull_pair(name) if name in PAIRS else (pull(name),)
     for path in paths:
         err.print(f"[green]ready[/] {path}")
 

@@ -176,6 +176,36 @@ def pull(name: str, cache: PathLike = None, progress: bool = True,
     return entry
 
 
+def gguf_path(name: str, cache: PathLike = None) -> Path:
+    """Where `pull_gguf(name)` puts (or has put) the model's own GGUF file."""
+    get_source(name)
+    return Path(cache or cache_dir()) / "gguf" / f"{name}.gguf"
+
+
+def pull_gguf(name: str, cache: PathLike = None, progress: bool = True) -> Path:
+    """Return the verified GGUF file of `name` as published (its own quantization), pulling it if absent.
+    No dense copy is made: `export --target-weights gguf` reads the quantized blocks directly."""
+    import rich.progress as rp
+    src, path = get_source(name), gguf_path(name, cache)
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.partial-{os.getpid()}-", dir=path.parent))
+    try:
+        with rp.Progress(rp.SpinnerColumn(), rp.TextColumn("{task.description}"), rp.BarColumn(),
+                         rp.TaskProgressColumn(), rp.TimeElapsedColumn(), disable=not progress) as bar:
+            with _phase(bar, {}, f"download {name}", src.parts) as adv:
+                wheels = _download(src, tmp / "wheels", adv)
+            with _phase(bar, {}, "assemble", src.size) as adv:
+                _assemble(src, wheels, tmp / path.name, adv)
+            with _phase(bar, {}, "verify sha256", src.size) as adv:
+                _verify(src, tmp / path.name, adv)
+        os.replace(tmp / path.name, path)  # atomic: a failed pull leaves no file
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
 def pull_pair(name: str = DEFAULT_PAIR, cache: PathLike = None,
               progress: bool = True, keep_gguf: bool = False) -> tuple[Path, Path]:
     """Pull both models of a pair; returns (target folder, draft folder)."""
@@ -276,13 +306,13 @@ def _convert(gguf: Path, out: Path) -> None:
         del config.quantization_config
     config.architectures = [type(model).__name__]
     config.save_pretrained(out)
-    _restore_tokens(tok, gguf, config.eos_token_id)
+    restore_gguf_tokens(tok, gguf, config.eos_token_id)
     tok.save_pretrained(out)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out)
 
 
-def _restore_tokens(tok, gguf: Path, eos) -> None:
+def restore_gguf_tokens(tok, gguf: Path, eos) -> None:
     """Undo two losses of transformers' GGUF tokenizer conversion (4.57)."""
     from gguf import GGUFReader, TokenType
     from tokenizers import AddedToken

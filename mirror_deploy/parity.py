@@ -24,7 +24,8 @@ RTOL = 5e-5   # the real 0.5B draft on ORT drifted 4.2e-4 with logits up to 17 (
 # Measured on the real pair, random-token rows: the 0.5B draft with int4 weights (and int8 activations)
 # agrees with fp32 on 56% (KL 0.38 nats); an int4 exit head at layer 10 of 28, where the logit lens is
 # flat, on 61%. A broken graph agrees on ~1/vocab (0.0007%), so these bounds still catch one.
-TOP1_MIN = {"fp16": 0.98, "int8": 0.75, "int4": 0.40}
+TOP1_MIN = {"fp16": 0.98, "int8": 0.75, "int4": 0.40, "gguf": 0.75}   # gguf: the reference is its own
+# dequantized weights, so only the int8 activations differ (as for int8)
 DRAFT_GRAPHS = ("draft", "draft_stateful", "draft_static")
 
 

@@ -19,7 +19,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ..axes import SEQ
+from ..axes import ATTENTION_SPAN, SEQ
 from .shapes import TensorSpec, kv_names
 
 FUSED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -64,6 +64,7 @@ class _Graph:
 
     def __init__(self, side_file: Path | None = None):
         self.nodes, self.weights = [], []
+        self.shared: dict = {}   # values computed once per graph and read by every layer
         # Large segments stream each weight to the side file as it is made, so the process never holds
         # the segment a second time as protobuf bytes (the export's peak memory).
         self.side_file = side_file
@@ -72,7 +73,8 @@ class _Graph:
     def weight(self, name: str, array) -> str:
         if isinstance(array, torch.Tensor):
             array = array.detach().to(torch.float32).numpy()
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array)
+        array = array if array.flags.c_contiguous else np.ascontiguousarray(array)  # (which makes 0-d 1-d)
         if self.sink is None or array.nbytes < 1024:
             self.weights.append(numpy_helper.from_array(array, name))
             return name
@@ -102,13 +104,82 @@ class _Graph:
 
 def _linear(g: _Graph, x: str, modules: list, name: str) -> str:
     """x @ [W_1; W_2; ...]ᵀ (+ bias): one MatMul for several projections that read the same input."""
-    weight = torch.cat([m.weight for m in modules]).T
-    y = g.one("MatMul", [x, g.weight(f"{name}.weight", weight)], f"{name}/MatMul")
+    if hasattr(modules[0], "mapped"):
+        y = _quant_linear(g, x, [m.mapped for m in modules], name)
+    else:
+        weight = torch.cat([m.weight for m in modules]).T
+        y = g.one("MatMul", [x, g.weight(f"{name}.weight", weight)], f"{name}/MatMul")
     if all(m.bias is not None for m in modules):
         y = g.one("Add", [y, g.weight(f"{name}.bias", torch.cat([m.bias for m in modules]))], f"{name}/Add")
     elif any(m.bias is not None for m in modules):
         raise ValueError(f"{name}: some packed projections have a bias and some do not")
     return y
+
+
+def _quant_linear(g: _Graph, x: str, weights: list, name: str) -> str:
+    """GGUF-quantized projections (`gguf_weights.MappedWeight`): one MatMulNBits per run of projections
+    with the same bits and block, concatenated when the file mixes types (Q4_K q/k beside a Q6_K v)."""
+    runs: list[list] = []
+    for w in weights:
+        if runs and _run_key(runs[-1][0]) == _run_key(w):
+            runs[-1].append(w)
+        else:
+            runs.append([w])
+    outs = [_matmul_nbits(g, x, run, f"{name}.part{i}" if len(runs) > 1 else name) for i, run in enumerate(runs)]
+    return outs[0] if len(outs) == 1 else g.one("Concat", outs, f"{name}/Concat", axis=-1)
+
+
+def _run_key(w) -> tuple:
+    return w.bits, w.block, w.offsets is not None
+
+
+def _matmul_nbits(g: _Graph, x: str, run: list, name: str) -> str:
+    """x @ Wᵀ for W = scale·(q − center) (+ offset per block). The offset goes through a small fp32 MatMul
+    of the input's block sums: MatMulNBits' float zero point is a slow generic kernel in ORT 1.23."""
+    bits, block, k = run[0].bits, run[0].block, run[0].shape[1]
+    n = sum(w.shape[0] for w in run)
+    packed = np.concatenate([w.packed for w in run])
+    scales = np.concatenate([w.scales for w in run]).reshape(-1)
+    y = g.one("MatMulNBits", [x, g.weight(f"{name}.qweight", packed), g.weight(f"{name}.scales", scales)],
+              f"{name}/MatMulNBits", domain="com.microsoft", K=k, N=n, bits=bits, block_size=block,
+              accuracy_level=4)
+    if run[0].offsets is None:
+        return y
+    blocks = g.one("Reshape", [x, g.weight(f"{name}.blocks", np.array([0, 0, k // block, block], np.int64))],
+                   f"{name}/Blocks")
+    sums = g.one("ReduceSum", [blocks, g.weight(f"{name}.axis", np.array([-1], np.int64))], f"{name}/BlockSums",
+                 keepdims=0)
+    offsets = np.ascontiguousarray(np.concatenate([w.offsets for w in run]).T)   # [K / block, N]
+    shift = g.one("MatMul", [sums, g.weight(f"{name}.offsets", offsets)], f"{name}/Offsets")
+    return g.one("Add", [y, shift], f"{name}/AddOffsets")
+
+
+def build_fused_head(model, arch, shape, kappa: int, path: Path) -> Path:
+    """Final norm + LM head + top-κ log-probs, written like the segments (for a GGUF target, whose head is a
+    `QuantLinear` that the traced TargetHead cannot carry). Same inputs and outputs as the traced head."""
+    from .shapes import graph_io
+    inputs, outputs = graph_io("target_head", shape, range(0, 0), kappa)
+    norm = arch.final_norm_of(model)
+    external = model.lm_head.mapped.nbytes > _EXTERNAL_DATA_BYTES
+    g = _Graph(path.with_name(path.name + ".data") if external else None)
+    try:
+        x = g.one("SimplifiedLayerNormalization", ["hidden_states", g.weight("norm.weight", norm.weight)], "norm",
+                  axis=-1, epsilon=_norm_eps(norm), stash_type=1)
+        logits = _linear(g, x, [model.lm_head], "lm_head")
+        g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits/Identity"))
+        logprobs = g.one("LogSoftmax", [logits], "LogSoftmax", axis=-1)
+        g.node("TopK", [logprobs, g.weight("kappa", np.array([kappa], np.int64))], "TopK",
+               ["top_logprobs", "top_ids"], axis=-1)
+        graph = helper.make_graph(g.nodes, "target_head", [_value_info(s) for s in inputs],
+                                  [_value_info(s) for s in outputs], g.weights)
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                        helper.make_opsetid("com.microsoft", 1)],
+                                  producer_name="mirror-deploy fused target")
+        proto.ir_version = 8
+    finally:
+        g.close()
+    onnx.save_model(proto, str(path))
+    return path
 
 
 def _norm_eps(norm) -> float:
@@ -136,12 +207,77 @@ def _attention(g: _Graph, x: str, attn, i: int, shape, rotary: tuple[str, str]) 
     else:
         q_k_v = [qkv, "", ""]   # packed QKV straight into GQA
     past = [f"past_key.{i}", f"past_value.{i}"]
-    out = g.node("GroupQueryAttention",
-                 [*q_k_v, *past, "seqlens_k", "total_sequence_length", *rotary, "position_ids"],
-                 f"{name}/GroupQueryAttention", [f"{name}/attn_out", f"present_key.{i}", f"present_value.{i}"],
-                 domain="com.microsoft", num_heads=h, kv_num_heads=kv, do_rotary=1,
-                 scale=float(getattr(attn, "scaling", hd ** -0.5)))[0]
+    # GQA rotates K and appends the window's K/V in place; its own attention output is not used (its
+    # kernels sum a row differently alone than inside a window), see _invariant_attention.
+    g.node("GroupQueryAttention", [*q_k_v, *past, "seqlens_k", "total_sequence_length", *rotary, "position_ids"],
+           f"{name}/GroupQueryAttention", [f"{name}/gqa_out", f"present_key.{i}", f"present_value.{i}"],
+           domain="com.microsoft", num_heads=h, kv_num_heads=kv, do_rotary=1,
+           scale=float(getattr(attn, "scaling", hd ** -0.5)))
+    q = q_k_v[0] if q_k_v[1] else g.node("Split", [qkv, g.weight(f"{name}.qsplit", np.array(
+        [h * hd, 2 * kv * hd], np.int64))], f"{name}/SplitQ", 2, axis=-1)[0]
+    out = _invariant_attention(g, q, i, shape, rotary, float(getattr(attn, "scaling", hd ** -0.5)), name)
     return _linear(g, out, [attn.o_proj], f"{name}.o_proj")
+
+
+def _span(g: _Graph, past_key: str) -> tuple[str, str]:
+    """(span as a 1-d end for Slice, additive causal mask [seq, 1, span]) shared by a segment's layers. The
+    span is total_sequence_length rounded up to ATTENTION_SPAN, within the buffers' capacity."""
+    if "span" not in g.shared:
+        const = lambda n, v, t=np.int64: g.weight(f"span.{n}", np.array(v, t))  # noqa: E731
+        # A scalar whether the runtime binds total_sequence_length as [] or [1] (GQA takes both).
+        total = g.one("Reshape", [g.one("Cast", ["total_sequence_length"], "span/Cast", to=TensorProto.INT64),
+                                  const("scalar", np.zeros(0, np.int64))], "span/Total")
+        step = const("step", ATTENTION_SPAN)
+        rounded = g.one("Mul", [g.one("Div", [g.one("Add", [total, const("round", ATTENTION_SPAN - 1)], "span/Add"),
+                                              step], "span/Div"), step], "span/Mul")
+        capacity = g.one("Gather", [g.one("Shape", [past_key], "span/Shape"), const("axis", 2)], "span/Capacity")
+        span = g.one("Min", [rounded, capacity], "span/Min")
+        keys = g.one("Range", [const("zero", 0), span, const("one", 1)], "span/Keys")
+        rows = g.one("Reshape", ["position_ids", const("rows", [-1, 1, 1])], "span/Rows")
+        visible = g.one("LessOrEqual", [keys, rows], "span/Visible")
+        mask = g.one("Where", [visible, const("open", 0.0, np.float32),
+                               const("shut", np.finfo(np.float32).min, np.float32)], "span/Mask")
+        g.shared["span"] = g.one("Unsqueeze", [span, const("unsq", [0])], "span/End"), mask
+    return g.shared["span"]
+
+
+def _invariant_attention(g: _Graph, q: str, i: int, shape, rotary: tuple[str, str], scale: float, name: str) -> str:
+    """softmax(q·Kᵀ·scale + causal mask)·V over the first `span` slots of the in-place K/V buffers.
+
+    Every reduction has the same length for a row whatever its window (the span is fixed per
+    ATTENTION_SPAN positions), and the query heads that share a K/V head are stacked as rows, so MLAS's
+    GEMM sees at least two rows even for a single token (with one row it takes another kernel, and a row's
+    bits change). A row thus gets the same bits in a window as alone: what makes speculative output equal
+    autoregressive output."""
+    h, kv, hd = shape.num_heads, shape.kv_heads, shape.head_dim
+    group = h // kv
+    const = lambda n, v, t=np.int64: g.weight(f"{name}.{n}", np.array(v, t))  # noqa: E731
+    span, mask = _span(g, f"past_key.{i}")
+    rotated = g.one("RotaryEmbedding", [q, "position_ids", *rotary], f"{name}/RotaryQ", domain="com.microsoft",
+                    num_heads=h, interleaved=0)
+    # [1, seq, h·hd] -> [1, kv, seq·group, hd]: row = (token, head within its K/V group)
+    heads = g.one("Reshape", [rotated, const("q5", [0, 0, kv, group, hd])], f"{name}/QHeads")
+    rows = g.one("Reshape", [g.one("Transpose", [heads], f"{name}/QByKV", perm=[0, 2, 1, 3, 4]),
+                             const("q4", [1, kv, -1, hd])], f"{name}/QRows")
+    mask = g.one("Flatten", [g.one("Expand", [mask, const("mexp", [1, group, 1])], f"{name}/MaskGroup")],
+                 f"{name}/MaskRows", axis=2)
+    if group == 1:   # one query head per K/V head: run every row twice so the GEMM never sees one row
+        rows = g.one("Concat", [rows, rows], f"{name}/TwiceRows", axis=2)
+        mask = g.one("Concat", [mask, mask], f"{name}/TwiceMask", axis=0)
+    zero, axis = const("zero", [0]), const("axis2", [2])
+    keys = g.one("Slice", [f"present_key.{i}", zero, span, axis], f"{name}/Keys")
+    values = g.one("Slice", [f"present_value.{i}", zero, span, axis], f"{name}/Values")
+    scores = g.one("MatMul", [rows, g.one("Transpose", [keys], f"{name}/KeysT", perm=[0, 1, 3, 2])], f"{name}/Scores")
+    scores = g.one("Add", [g.one("Mul", [scores, const("scale", scale, np.float32)], f"{name}/Scale"), mask],
+                   f"{name}/Masked")
+    out = g.one("MatMul", [g.one("Softmax", [scores], f"{name}/Softmax", axis=-1), values], f"{name}/Context")
+    if group == 1:
+        seq = g.one("Shape", ["position_ids"], f"{name}/Seq", start=1, end=2)
+        out = g.one("Slice", [out, zero, seq, axis], f"{name}/OnceRows")
+    # [1, kv, seq·group, hd] -> [1, seq, h·hd]
+    out = g.one("Reshape", [out, const("o5", [1, kv, -1, group, hd])], f"{name}/OHeads")
+    out = g.one("Transpose", [out], f"{name}/OByToken", perm=[0, 2, 1, 3, 4])
+    return g.one("Reshape", [out, const("o3", [1, -1, h * hd])], f"{name}/Merge")
 
 
 def _mlp(g: _Graph, x: str, mlp, i: int) -> str:
@@ -193,7 +329,9 @@ def build_fused_segment(model, arch, shape, layers: range, capacity: int, path: 
     params = [p for layer in arch.layers_of(model)[layers.start:layers.stop] for p in layer.parameters()]
     if layers.start == 0:
         params.append(arch.decoder_of(model).get_submodule(arch.embed).weight)
-    external = sum(p.numel() for p in params) * 4 > _EXTERNAL_DATA_BYTES
+    quantized = [m.mapped.nbytes for layer in arch.layers_of(model)[layers.start:layers.stop]
+                 for m in layer.modules() if hasattr(m, "mapped")]
+    external = sum(p.numel() for p in params) * 4 + sum(quantized) > _EXTERNAL_DATA_BYTES
     g = _Graph(path.with_name(path.name + ".data") if external else None)
     try:
         if layers.start == 0:

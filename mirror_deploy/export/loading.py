@@ -25,6 +25,7 @@ class SourceModel:
     arch: ArchSpec
     shape: ModelShape
     model: torch.nn.Module | None = None
+    gguf_weights: Path | None = None  # the GGUF whose blocks the graphs keep (`--target-weights gguf`)
 
     def gguf_args(self) -> tuple[str, dict]:
         if self.path.suffix == ".gguf":
@@ -47,9 +48,13 @@ class SourceModel:
     def load_tokenizer(self):
         where, extra = self.gguf_args()
         try:
-            return load_tokenizer(where, self.config.model_type, **extra)
+            tok = load_tokenizer(where, self.config.model_type, **extra)
         except (OSError, ValueError, TypeError):
             return None
+        if extra:   # transformers' GGUF tokenizer conversion drops special tokens and the file's eos
+            from ..models import restore_gguf_tokens
+            restore_gguf_tokens(tok, self.path, self.config.eos_token_id)
+        return tok
 
     def eos_token_ids(self) -> list[int]:
         """End-of-sequence ids from the config and, where present, generation_config.json."""
@@ -74,7 +79,12 @@ class SourceModel:
         return {"path": str(self.path.resolve()), "model_type": self.shape.model_type,
                 "eos_token_ids": self.eos_token_ids(),
                 "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
-                "weights_sha256": digest.hexdigest(), **self.shape.to_dict()}
+                "weights_sha256": digest.hexdigest(), **self.shape.to_dict(), **self._gguf_record()}
+
+    def _gguf_record(self) -> dict:
+        if self.gguf_weights is None:
+            return {}
+        return {"gguf_file": str(self.gguf_weights.resolve()), "gguf_sha256": sha256_file(self.gguf_weights)}
 
 
 # Keys that say where or with what a config was read or written, not what the model is: `_name_or_path`

@@ -18,7 +18,8 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from ..artifact import GraphEntry, Manifest, sha256_file
 from ..errors import MirrorDeployError
 from ..targets import Profile, load_profile
-from .fused_target import build_fused_segment, fused_unsupported
+from .fused_target import build_fused_head, build_fused_segment, fused_unsupported
+from .gguf_model import gguf_file_of, load_gguf_model
 from .graphs import FullModel, StatefulDraft, TargetHead, TargetSegment
 from .loading import SourceModel, open_source
 from .onnx_export import convert_to_fp16, export_graph, graph_files, quantize_matmuls, read_io
@@ -29,7 +30,8 @@ from .shapes import draft_top_m, graph_io
 # Target weights: fp32; fp16 (for GPUs); weight-only int8/int4, as ORT MatMulNBits (accuracy_level 4) or, when
 # the profile runs the target on OpenVINO, as NNCF-compressed IR. A quantized target is a different model;
 # every decoding mode is compared with autoregressive decoding of the same artifact.
-TARGET_WEIGHT_BITS = {"fp32": None, "fp16": None, "int8": 8, "int4": 4}
+TARGET_WEIGHT_BITS = {"fp32": None, "fp16": None, "int8": 8, "int4": 4, "gguf": None}
+# gguf: the source GGUF's own blocks, kept (gguf_weights.py): ONNX Runtime fused segments only.
 # The early exit uses the target's own head ("shared"), or its own int8/int4 copy: it only ranks
 # branches, so a cheaper exit head changes speed, never the committed output.
 EXIT_HEAD_FORMATS = {"shared": None, "int8": 8, "int4": 4}
@@ -72,11 +74,18 @@ def target_attention(target: SourceModel, profile: Profile, opts: ExportOptions)
         why = f"profile {profile.name} runs the target on {profile.target.backend} (fused graphs use ONNX Runtime ops)"
     if opts.target_weights == "fp16":  # fp32 I/O around fp16 compute: casts would copy the K/V buffer
         why = "--target-weights fp16 keeps fp32 inputs and outputs, so its K/V cannot be bound in place"
+    if opts.target_weights == "gguf" and why:
+        raise MirrorDeployError(f"--target-weights gguf writes GGUF blocks into fused ONNX Runtime segments, and "
+                                f"they are not available here: {why}",
+                                "use a profile that runs the target on ONNX Runtime CPU (e.g. --profile cpu), or "
+                                "--target-weights int4")
     if asked == "fused" and why:
         raise MirrorDeployError(f"--target-attention fused is not available: {why}",
                                 "use --target-attention eager (or leave it unset)")
     # The in-place K/V binding is host memory: measured on ORT CPU only, so other ORT devices get fused
     # only when asked for (and `check` compares them with PyTorch like any other).
+    if opts.target_weights == "gguf":
+        return "fused"
     return asked or ("eager" if why or profile.target.device.lower() != "cpu" else "fused")
 
 
@@ -102,6 +111,9 @@ def validate(target: SourceModel, draft: SourceModel | None, opts: ExportOptions
         raise MirrorDeployError(f"--gamma {opts.gamma} must be at least 1", "use a window such as 7")
     if opts.branch_batch < 1:
         raise MirrorDeployError(f"--branch-batch {opts.branch_batch} must be at least 1", "use e.g. 8")
+    if opts.target_weights == "gguf" and opts.exit_head_weights != "shared":
+        raise MirrorDeployError(f"--exit-head-weights {opts.exit_head_weights} re-quantizes the head, and a GGUF "
+                                "target keeps its head in the file's own blocks", "leave --exit-head-weights shared")
     if opts.exit_head_weights not in EXIT_HEAD_FORMATS:
         raise MirrorDeployError(f"--exit-head-weights {opts.exit_head_weights!r} is unknown",
                                 f"use one of: {', '.join(EXIT_HEAD_FORMATS)}")
@@ -193,6 +205,17 @@ class FusedSegment:
         return build_fused_segment(self.model, self.source.arch, self.source.shape, self.layers, self.capacity, path)
 
 
+@dataclass
+class FusedHead:
+    """The final norm + LM head written node by node (a GGUF target's head stays in its blocks)."""
+    source: SourceModel
+    model: object
+    kappa: int
+
+    def build(self, path: Path) -> Path:
+        return build_fused_head(self.model, self.source.arch, self.source.shape, self.kappa, path)
+
+
 def target_parts(target: SourceModel, model, boundaries: list[int], opts: ExportOptions,
                  attention: str = "eager") -> list[tuple]:
     """(name, module, source, layers, weights) of every target graph: a segment between consecutive exit
@@ -206,7 +229,9 @@ def target_parts(target: SourceModel, model, boundaries: list[int], opts: Export
         return TargetSegment(target.arch, model, a, b)
     parts = [(f"target_seg{i}", segment(a, b), target, range(a, b), opts.target_weights)
              for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
-    parts.append(("target_head", TargetHead(target.arch, model, opts.kappa), target, range(n, n), opts.target_weights))
+    head = (FusedHead(target, model, opts.kappa) if opts.target_weights == "gguf"
+            else TargetHead(target.arch, model, opts.kappa))
+    parts.append(("target_head", head, target, range(n, n), opts.target_weights))
     if EXIT_HEAD_FORMATS[opts.exit_head_weights]:
         parts.append(("exit_head", TargetHead(target.arch, model, opts.kappa), target, range(n, n),
                       opts.exit_head_weights))
@@ -219,10 +244,10 @@ def _export_parts(parts: list[tuple], stage: Path, step, kappa: int, openvino: b
     graphs = {}
     for name, module, source, layers, weights in parts:
         what = f"layers {layers.start}..{layers.stop - 1}" if len(layers) else "final norm + LM head"
-        how = ", fused" if isinstance(module, FusedSegment) else ""
+        how = ", fused" if isinstance(module, (FusedSegment, FusedHead)) else ""
         suffix = "xml" if openvino else "onnx"
         with step(f"exporting {name}.{suffix} ({what}, {weights}{how})"):
-            if isinstance(module, FusedSegment):
+            if isinstance(module, (FusedSegment, FusedHead)):
                 path = module.build(stage / f"{name}.onnx")
             else:
                 part = "draft" if name == "draft" else ("target_head" if "head" in name else "target_segment")
@@ -272,14 +297,15 @@ def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: 
     target = open_source(target_path, "target")
     draft = open_source(draft_path, "draft") if draft_path is not None else None
     exit_layer, boundaries = validate(target, draft, opts, out)
+    if opts.target_weights == "gguf":
+        target.gguf_weights = gguf_file_of(target.path, "target")
     attention = target_attention(target, profile, opts)
-    if TARGET_WEIGHT_BITS[opts.target_weights] and profile.target.backend == "onnxruntime":
-        # Measured on the real pair: with activations quantized too (accuracy_level 4), a verify window
-        # and an autoregressive step differ by more than fp32 noise, and SD/Mirror output can leave AR's
-        # at a near-tie. Say so rather than claim exactness.
-        console.print(f"[yellow]note:[/] --target-weights {opts.target_weights}: speculative output equals this "
-                      "artifact's autoregressive output except where the two computations resolve a near-tie "
-                      "differently (measured: not exact on the real pair); use fp32 where exactness matters")
+    if attention == "eager":
+        # Fused segments compute a row with the same bits in a verify window as alone (fused_target.py,
+        # tests/test_gguf.py); traced ones use kernels whose sums depend on the rows in the call.
+        console.print("[yellow]note:[/] traced (eager) target segments: speculative output equals this artifact's "
+                      "autoregressive output except where a verify window and a single step resolve a near-tie "
+                      "differently; fused segments (ONNX Runtime CPU profiles) are exact")
     if opts.target_weights == "fp16" and profile.target.backend == "onnxruntime" and profile.target.device == "cpu":
         console.print("[yellow]note:[/] --target-weights fp16 is for GPUs: ONNX Runtime's CPU provider runs fp16 "
                       "graphs through fp32 casts, slower than fp32 (fine for checks, not for speed)")
@@ -299,7 +325,8 @@ def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: 
             target_tok = target.load_tokenizer()
             if draft is not None:
                 _same_tokenizer(target_tok, draft.load_tokenizer())
-            target_model = target.load_model()
+            target_model = (load_gguf_model(target.gguf_weights, target.config) if target.gguf_weights
+                            else target.load_model())
         graphs = _export_parts(target_parts(target, target_model, boundaries, opts, attention), stage, step,
                                opts.kappa, openvino=profile.target.backend == "openvino")
         del target_model

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..axes import ATTENTION_SPAN
 from ..errors import MirrorDeployError
 
 MASK_MIN = np.finfo(np.float32).min
@@ -91,7 +92,20 @@ class InPlaceKV:
                 "total_sequence_length": np.array(start + seq, np.int32)}
 
     def run(self, graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return graph.run(feeds, in_place=self.bound)
+        """One call, or one per ATTENTION_SPAN block when the window's positions cross a multiple of it: the
+        fused attention reads K/V up to the next multiple of the call's end, so each row then reads the span
+        it would read alone, and a verify window computes what single steps do, bit for bit."""
+        positions = feeds["position_ids"][0]
+        start, seq = int(positions[0]), len(positions)
+        cuts = [p for p in range(start + 1, start + seq) if p % ATTENTION_SPAN == 0]
+        if not cuts:
+            return graph.run(feeds, in_place=self.bound)
+        rows = "input_ids" if "input_ids" in feeds else "hidden_states"
+        outs = []
+        for a, b in zip([start, *cuts], [*cuts, start + seq]):
+            part = {**feeds, rows: feeds[rows][:, a - start:b - start], **self.window_feeds(a, b - a, self.capacity)}
+            outs.append(graph.run(part, in_place=self.bound))
+        return {k: np.concatenate([o[k] for o in outs], axis=1) for k in outs[0]}
 
 
 def causal_mask(committed: int, seq: int, past_len: int) -> np.ndarray:

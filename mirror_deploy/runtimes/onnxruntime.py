@@ -88,7 +88,8 @@ class OrtGraph:
                 binding.bind_input(name, "cpu", 0, buf.dtype.type, list(buf.shape), buf.ctypes.data)
                 binding.bind_output(out, "cpu", 0, buf.dtype.type, list(buf.shape), buf.ctypes.data)
             else:
-                binding.kept_alive.append(np.ascontiguousarray(feeds[name]))
+                value = np.asarray(feeds[name])   # (np.ascontiguousarray would make a 0-d scalar 1-d)
+                binding.kept_alive.append(value if value.flags.c_contiguous else np.ascontiguousarray(value))
                 binding.bind_cpu_input(name, binding.kept_alive[-1])
         bound = {out for out, _ in in_place.values()}
         binding.unbound = [n for n in self.output_names if n not in bound]   # ORT allocates these, in order

@@ -1,0 +1,97 @@
+"""`check` on a GGUF artifact: the weights its graphs multiply by are the GGUF file's own, per tensor type.
+
+Each projection's MatMulNBits blocks (codes, scales, and the offsets' MatMul of the K types) are expanded
+back to a dense `[N, K]` and set beside gguf-py's dequantization of the tensors they came from; the
+embedding table is compared the same way. Both sides compute in fp32, so they agree to within fp16's
+rounding of the largest weight (measured: exactly, or to 1e-7 where the offset is folded).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .artifact import Manifest
+from .check_report import CheckReport
+
+FP16_ROUNDING = 2.0 ** -11   # half an fp16 ulp, relative to the tensor's largest weight
+_GROUPS = {"attn.qkv_proj": ("attn_q", "attn_k", "attn_v"), "attn.o_proj": ("attn_output",),
+           "mlp.gate_up_proj": ("ffn_gate", "ffn_up"), "mlp.down_proj": ("ffn_down",)}
+_HF_NAMES = {"attn_q": "q_proj", "attn_k": "k_proj"}
+
+
+def gguf_sources(group: str, tensors: dict) -> list[str]:
+    """The GGUF tensor names a graph projection was packed from, in packing order."""
+    if group == "lm_head":
+        return ["output.weight" if "output.weight" in tensors else "token_embd.weight"]
+    layer, kind = re.match(r"layers\.(\d+)\.(.*)", group).groups()
+    return [f"blk.{layer}.{g}.weight" for g in _GROUPS[kind]]
+
+
+def _dense_from_graph(folder: Path, inits: dict, nodes: dict, prefix: str) -> np.ndarray:
+    node = nodes[f"{prefix}.qweight"]
+    bits, block = (next(a.i for a in node.attribute if a.name == key) for key in ("bits", "block_size"))
+    packed = numpy_helper.to_array(inits[f"{prefix}.qweight"], str(folder))
+    n, blocks = packed.shape[:2]
+    codes = packed if bits == 8 else np.stack([packed & 0x0F, packed >> 4], -1).reshape(n, blocks, block)
+    scales = numpy_helper.to_array(inits[f"{prefix}.scales"], str(folder)).reshape(n, blocks)
+    w = (codes.astype(np.float32) - (1 << (bits - 1))) * scales[..., None]
+    if f"{prefix}.offsets" in inits:
+        w = w + numpy_helper.to_array(inits[f"{prefix}.offsets"], str(folder)).T[..., None]
+    return w.reshape(n, blocks * block)
+
+
+def _graph_projections(folder: Path, m: Manifest, names: list[str]):
+    """(group, dense weight) per quantized projection of the named graphs, parts concatenated in order."""
+    for name in names:
+        model = onnx.load(str(folder / m.graphs[name].file), load_external_data=False)
+        inits = {t.name: t for t in model.graph.initializer}
+        nodes = {n.input[1]: n for n in model.graph.node if n.op_type == "MatMulNBits"}
+        groups: dict[str, list[str]] = {}
+        for key in nodes:
+            prefix = key[:-len(".qweight")]
+            groups.setdefault(re.sub(r"\.part\d+$", "", prefix), []).append(prefix)
+        for group, prefixes in groups.items():
+            yield group, np.concatenate([_dense_from_graph(folder, inits, nodes, p) for p in sorted(prefixes)])
+        if "embed_tokens.weight" in inits:
+            yield "embed_tokens", numpy_helper.to_array(inits["embed_tokens.weight"], str(folder))
+
+
+def check_gguf_weights(folder: Path, m: Manifest, intact: set[str], report: CheckReport) -> None:
+    from gguf import GGUFReader, quants
+    from transformers import AutoConfig
+
+    from .export.gguf_model import permuted_heads, qk_row_order
+    names = [*m.target_segments(), "target_head"]
+    path = Path(m.target.get("gguf_file", ""))
+    if not all(n in intact for n in names) or not path.is_file():
+        why = "a graph file is damaged (see hash)" if path.is_file() else f"the source GGUF {path} is gone"
+        report.skip("gguf weights", "target", f"not compared: {why}")
+        return
+    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    worst: dict[str, float] = {}   # GGUF type -> largest error relative to the tensor's largest weight
+    count: dict[str, int] = {}
+    for group, got in _graph_projections(folder, m, names):
+        sources = ["token_embd.weight"] if group == "embed_tokens" else gguf_sources(group, tensors)
+        row = 0
+        for source in sources:
+            t = tensors[source]
+            want = quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(-1, int(t.shape[0]))
+            heads = permuted_heads(config.model_type, _HF_NAMES.get(source.split(".")[-2], ""), config)
+            if heads is not None:
+                want = want[qk_row_order(want.shape[0], heads)]
+            part = got[row:row + want.shape[0]]
+            row += want.shape[0]
+            kind = t.tensor_type.name
+            err = float(np.abs(part - want).max() / max(np.abs(want).max(), 1e-30)) if part.shape == want.shape else np.inf
+            worst[kind], count[kind] = max(worst.get(kind, 0.0), err), count.get(kind, 0) + 1
+    for kind in sorted(worst):
+        report.add("gguf weights", kind, worst[kind] <= FP16_ROUNDING,
+                   f"{count[kind]} {kind} tensors of {path.name}: graph weights vs gguf's dequantization, "
+                   f"largest difference {worst[kind]:.1e} of the tensor's largest weight", worst[kind],
+                   f"≤ {FP16_ROUNDING:.1e} (fp16 rounding)",
+                   fix="re-export with --target-weights gguf; if it persists, report the type")

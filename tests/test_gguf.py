@@ -1,0 +1,207 @@
+"""GGUF quantization kept (`--target-weights gguf`), and quantized targets exact: a verify window computes
+what the same rows would as single autoregressive steps, bit for bit, so every mode equals AR."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+from transformers import AutoModelForCausalLM
+
+from mirror_deploy.artifact import read_manifest
+from mirror_deploy.axes import ATTENTION_SPAN
+from mirror_deploy.check import FAIL, check_artifact
+from mirror_deploy.decoding.config import GenerationConfig as G
+from mirror_deploy.decoding.drive import TargetDriver
+from mirror_deploy.decoding.engine import Engine
+from mirror_deploy.errors import MirrorDeployError
+from mirror_deploy.export import onnx_export
+from mirror_deploy.export.gguf_weights import MAPPERS, map_weight
+from mirror_deploy.export.pipeline import ExportOptions, export_artifact
+from mirror_deploy.runtimes.loader import open_target
+from mirror_deploy.targets import Profile
+from mirror_deploy.tiny import build_model, perturbed, tiny_config
+from mirror_deploy.tiny_gguf import ALTERNATE_TYPES, MIXED_TYPES, random_blocks, write_tiny_gguf
+
+QUIET = Console(quiet=True)
+OPTS = dict(kappa=4, gamma=4, max_context=320, branch_batch=4, profile="cpu")
+PROMPTS = [[5, 9, 17, 3, 44], [7] * 12, [1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4], [100, 21, 64]]
+SPEC_MODES = [("sd", "serial"), ("mirror", "serial"), ("mirror", "overlapped")]
+
+
+@pytest.mark.parametrize("gguf_type", list(MAPPERS))
+def test_mapping_equals_gguf_dequantization(gguf_type):
+    """Codes, scales and offsets give back gguf-py's own dequantization of the same blocks, exactly."""
+    from gguf import GGMLQuantizationType, quants
+    rng = np.random.default_rng(0)
+    raw = random_blocks(rng, gguf_type, 6, 512, 0.05)
+    mapped = map_weight(raw, gguf_type, (6, 512))
+    expected = quants.dequantize(raw, GGMLQuantizationType[gguf_type]).reshape(6, 512)
+    np.testing.assert_array_equal(mapped.dequantize(), expected)
+    assert mapped.packed.shape == (6, 512 // mapped.block, mapped.block * mapped.bits // 8)
+
+
+def test_unmapped_type_is_refused():
+    with pytest.raises(MirrorDeployError, match="Q2_K") as err:
+        map_weight(np.zeros((1, 84), np.uint8), "Q2_K", (1, 256), "blk.0.ffn_up.weight")
+    assert "llama-quantize" in err.value.fix and "blk.0.ffn_up.weight" in err.value.problem
+
+
+@pytest.mark.parametrize("gguf_type", list(MAPPERS))
+def test_graph_multiplies_by_the_mapped_weights(gguf_type):
+    """MatMulNBits (+ the offsets' MatMul) over the mapped blocks is x @ Wᵀ. The inputs are integers with a
+    ±127 in every block of 16, so accuracy level 4's int8 activations are exact and only fp32 sums differ."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from mirror_deploy.export.fused_target import _Graph, _quant_linear
+    rng = np.random.default_rng(1)
+    k, n = 512, 48
+    mapped = [map_weight(random_blocks(rng, gguf_type, n, k, 0.05), gguf_type, (n, k)) for _ in range(2)]
+    g = _Graph()
+    y = _quant_linear(g, "x", mapped, "proj")
+    g.nodes.append(helper.make_node("Identity", [y], ["y"]))
+    graph = helper.make_graph(g.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "s", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "s", 2 * n])], g.weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    x = rng.integers(-126, 127, (1, 5, k)).astype(np.float32)
+    x[..., ::16] = 127
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    weight = np.concatenate([m.dequantize() for m in mapped]).astype(np.float64)
+    want = x.astype(np.float64) @ weight.T
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    onnx.checker.check_model(model)
+
+
+@pytest.fixture(scope="module")
+def gguf_pair(tmp_path_factory):
+    """A tiny qwen2 GGUF target in Q4_K_M's types, its dequantized HF model, and a draft near it."""
+    root = tmp_path_factory.mktemp("gguf")
+    target = write_tiny_gguf(root / "target.gguf", MIXED_TYPES)
+    model = AutoModelForCausalLM.from_pretrained(root, gguf_file=target.name, dtype=torch.float32).eval()
+    perturbed(model, 0.2, 1).save_pretrained(root / "draft")
+    return target, root / "draft", model
+
+
+@pytest.fixture(scope="module")
+def gguf_artifact(gguf_pair, tmp_path_factory):
+    target, draft, _ = gguf_pair
+    return export_artifact(target, draft, tmp_path_factory.mktemp("gguf-art") / "art",
+                           ExportOptions(target_weights="gguf", **OPTS), QUIET)
+
+
+def _driver(art):
+    m = read_manifest(art)
+    return TargetDriver.for_manifest(open_target(art, m, Profile.from_dict(m.profile)), m)
+
+
+def test_gguf_artifact_keeps_the_blocks_and_agrees_with_pytorch(gguf_pair, gguf_artifact):
+    import onnx
+    target, _, model = gguf_pair
+    m = read_manifest(gguf_artifact)
+    assert m.target_weights == "gguf" and m.target["gguf_file"] == str(target.resolve())
+    ops = {n.op_type for g in ("target_seg0", "target_head")
+           for n in onnx.load(str(gguf_artifact / m.graphs[g].file), load_external_data=False).graph.node}
+    assert "MatMulNBits" in ops and "MatMul" in ops   # MatMul: the offsets of the K types
+    ids = np.random.default_rng(2).integers(0, 128, 24)
+    got = _driver(gguf_artifact).window(ids, start=0)["logits"]
+    with torch.no_grad():
+        want = model(torch.tensor(ids)[None]).logits[0].numpy()
+    # Same weights; only the int8 activations of accuracy level 4 differ from PyTorch's fp32.
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+    report = check_artifact(gguf_artifact)
+    assert report.ok, [r for r in report.rows if r.result == FAIL]
+    assert {r.graph for r in report.rows if r.check == "gguf weights"} == set(MIXED_TYPES.values())
+
+
+@pytest.mark.parametrize("weights", ["gguf", "int4", "int8"])
+def test_window_rows_equal_single_steps_bit_for_bit(gguf_pair, gguf_artifact, tmp_path, weights):
+    """The property every mode's exactness rests on, at each quantized format we export by default."""
+    art = gguf_artifact
+    if weights != "gguf":
+        target, draft, model = gguf_pair
+        model.save_pretrained(tmp_path / "hf")
+        art = export_artifact(tmp_path / "hf", None, tmp_path / "art", ExportOptions(target_weights=weights, **OPTS),
+                              QUIET)
+    assert _windows_differ_from_steps(art) == 0
+
+
+def test_the_window_check_can_fail(gguf_pair, tmp_path, monkeypatch):
+    """Blocks of 128 send a lone row down another MLAS path: the check above sees it."""
+    _, _, model = gguf_pair
+    model.save_pretrained(tmp_path / "hf")
+    monkeypatch.setitem(onnx_export.BLOCK_SIZE, 4, 128)
+    art = export_artifact(tmp_path / "hf", None, tmp_path / "art", ExportOptions(target_weights="int4", **OPTS), QUIET)
+    assert _windows_differ_from_steps(art) > 0
+
+
+def _windows_differ_from_steps(art) -> int:
+    """Rows whose logits or exit top-κ differ (at all) between windows of 2..8 rows and the same rows one at a
+    time: early in the context, and around position 256, where the attention's span grows (ATTENTION_SPAN)."""
+    assert ATTENTION_SPAN == 256 and read_manifest(art).max_context > 290
+    ids = np.random.default_rng(3).integers(0, 128, 290)
+    differ = 0
+    for prefill in (10, 250):
+        window, single = _driver(art), _driver(art)
+        window.window(ids[:prefill], start=0)
+        single.window(ids[:prefill], start=0)
+        at = prefill
+        for size in (2, 3, 5, 8, 7):
+            rows = window.window(ids[at:at + size], start=at)
+            steps = [single.window(ids[i:i + 1], start=i) for i in range(at, at + size)]
+            for key in ("logits", "exit_logprobs", "exit_ids"):
+                differ += int((rows[key] != np.concatenate([s[key] for s in steps])).any(axis=-1).sum())
+            at += size
+    return differ
+
+
+def test_one_query_head_per_kv_head_is_exact_too(tmp_path):
+    """Multi-head attention (as many K/V heads as query heads) takes the fused path's doubled-rows branch."""
+    config = tiny_config("llama", layers=2)
+    config.num_key_value_heads = config.num_attention_heads
+    build_model(config, 0, scale=3.0).save_pretrained(tmp_path / "mha")
+    art = export_artifact(tmp_path / "mha", None, tmp_path / "art", ExportOptions(**OPTS), QUIET)
+    assert _windows_differ_from_steps(art) == 0
+
+
+def test_every_mode_equals_autoregressive_on_a_gguf_target(gguf_artifact):
+    engine = Engine(gguf_artifact)
+    for prompt in PROMPTS:
+        expected = engine.generate(prompt, G(max_new_tokens=24, mode="ar", stop_at_eos=False)).tokens
+        assert engine.generate(prompt, G(max_new_tokens=24, mode="lookup", stop_at_eos=False)).tokens == expected
+        for gamma in (1, 2, 4):
+            for mode, schedule in SPEC_MODES:
+                got = engine.generate(prompt, G(max_new_tokens=24, mode=mode, schedule=schedule, gamma=gamma,
+                                                stop_at_eos=False)).tokens
+                assert got == expected, (prompt, gamma, mode, schedule)
+
+
+def test_other_types_and_a_tied_head(tmp_path):
+    """Q4_0, Q4_1, Q5_1, Q8_0, and a head tied to a Q8_0 embedding: the graph agrees with PyTorch."""
+    types = {k: v for k, v in ALTERNATE_TYPES.items() if k != "output"}
+    path = write_tiny_gguf(tmp_path / "alt.gguf", types, seed=4)
+    art = export_artifact(path, None, tmp_path / "art", ExportOptions(target_weights="gguf", **OPTS), QUIET)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    ids = np.random.default_rng(5).integers(0, 128, 16)
+    got = _driver(art).window(ids, start=0)["logits"]
+    with torch.no_grad():
+        want = model(torch.tensor(ids)[None]).logits[0].numpy()
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+
+
+def test_bad_gguf_requests_are_refused_before_writing(gguf_pair, tmp_path):
+    target, draft, model = gguf_pair
+    model.save_pretrained(tmp_path / "hf")
+    with pytest.raises(MirrorDeployError, match="needs a GGUF file") as err:
+        export_artifact(tmp_path / "hf", None, tmp_path / "a", ExportOptions(target_weights="gguf", **OPTS), QUIET)
+    assert "--target-weights int4" in err.value.fix
+    with pytest.raises(MirrorDeployError, match="runs the target on openvino"):
+        export_artifact(target, None, tmp_path / "b", ExportOptions(target_weights="gguf", **{**OPTS, "profile": "intel-npu"}),
+                        QUIET)
+    with pytest.raises(MirrorDeployError, match="exit-head"):
+        export_artifact(target, None, tmp_path / "c", ExportOptions(target_weights="gguf", exit_head_weights="int4", **OPTS),
+                        QUIET)
+    assert not any(tmp_path.glob("[abc]*")) and not any(tmp_path.glob(".[abc]*"))
