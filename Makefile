@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test demo bench-engine bench-runtimes bench-draft ortgenai-builder clean
+.PHONY: install test demo bench-engine bench-runtimes bench-draft ortgenai-builder llama-cpp clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,13 @@ ORTGENAI_VENV ?= /tmp/ortgenai-venv
 ortgenai-builder:
 	$(PY) -m venv $(ORTGENAI_VENV)
 	$(ORTGENAI_VENV)/bin/pip install -q torch==2.13.0 "transformers==5.23.*" "onnxruntime-genai==0.18.*" "onnx-ir==1.1.*"
+
+# llama.cpp (`--peers llama-cpp...`): llama-server and llama-bench built from the source the
+# llama-cpp-python 0.3.36 sdist vendors (no wheel or package fits), 4-10 min on two cores, installed with
+# its GGUF converter into ${MIRROR_DEPLOY_CACHE:-~/.cache/mirror-deploy}/llama.cpp/0.3.36.
+llama-cpp: $(STAMP)
+	$(BIN)/pip install -q sentencepiece   # the converter imports it even for BPE tokenizers
+	mirror_deploy/bench/peers/llama_cpp_build.sh $(BIN)/pip
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache

@@ -164,7 +164,8 @@ def bench(
                                         "measured fastest on this profile. Default: ar,sd,mirror-serial,mirror,lookup "
                                         "(ar,lookup on a target-only artifact)."),
     peers: str = typer.Option("", help="Peers, comma-separated: hf-target, hf-assisted[@K], hf-lookup, "
-                              "ov-genai-{target,sd,lookup}@{1t,2t}, ort-genai-{target,sd}@{1t,2t}."),
+                              "ov-genai-{target,sd,lookup}@{1t,2t}, ort-genai-{target,sd}@{1t,2t}, "
+                              "llama-cpp[-sd]@{1t,2t} (after `make llama-cpp`)."),
     interleave_peers: bool = typer.Option(False, "--interleave-peers", help="Load the peers up front and "
                                           "interleave them with our modes prompt by prompt (robust to load "
                                           "from other work; holds every peer's models at once: mind the RAM)."),
