@@ -8,9 +8,11 @@ from __future__ import annotations
 
 SEQ, PAST, ROWS = "seq", "past", "rows"
 TOTAL = f"{PAST}+{SEQ}"
-# Fused target attention reads the K/V buffer up to the next multiple of this many positions, so a row's
-# reductions have one length whether it runs in a verify window or alone; the runtime splits a window
-# that crosses a multiple (runtimes/kv.py), keeping every row's result independent of its window.
+# A fused target row must compute the same bits in a verify window as alone (speculative output then equals
+# autoregressive output). Two rules make it so: the attention reads the K/V buffer up to the next multiple
+# of ATTENTION_SPAN positions past the window's last row, so a row's reductions have one length (the runtime
+# splits a window that crosses a multiple); and every call has an even number of rows (the runtime repeats
+# an odd window's last row), since int4 MatMulNBits computes rows in pairs and a lone row another way.
 ATTENTION_SPAN = 256
 
 

@@ -147,9 +147,9 @@ def _check_files(folder: Path, m: Manifest, report: CheckReport) -> set[str]:
 
 
 def _check_fused_target(folder: Path, m: Manifest, intact: set[str], report: CheckReport) -> None:
-    """A fused target is fast because each layer is one GroupQueryAttention node over in-place K/V with
-    packed projections (4 weight MatMuls a layer); count them in the files, so a builder that silently
-    emitted something else is caught."""
+    """A fused target is fast and exact because each layer writes its K/V in place (two TensorScatter over
+    the bound buffers), runs the row-invariant attention (one Softmax) and packed projections (4 weight
+    MatMuls a layer); count them in the files, so a builder that silently emitted something else is caught."""
     if m.target_attention != "fused":
         return
     names = m.target_segments()
@@ -166,10 +166,15 @@ def _check_fused_target(folder: Path, m: Manifest, intact: set[str], report: Che
             if node.op_type in ("MatMul", "MatMulNBits") and base.endswith("_proj") and not node.name.endswith("/Offsets"):
                 projections.add(base)
     layers = m.target["num_layers"]
-    gqa, matmuls = ops.get("GroupQueryAttention", 0), len(projections)
-    report.add("fused attention", "target", gqa == layers and matmuls == 4 * layers,
-               f"{gqa} of {layers} layers run GroupQueryAttention (in-place K/V); {matmuls} weight MatMuls "
-               f"(4 a layer: packed QKV, o, packed gate/up, down)",
+    writes, softmax, gqa = ops.get("TensorScatter", 0), ops.get("Softmax", 0), ops.get("GroupQueryAttention", 0)
+    if gqa:   # artifacts exported before the row-invariant attention: fast, not exact
+        report.add("fused attention", "target", gqa == layers and len(projections) == 4 * layers,
+                   f"{gqa} of {layers} layers run GroupQueryAttention, which computes a row differently alone than in "
+                   "a window: speculative output may leave AR's at a near-tie (re-export for exactness)")
+        return
+    report.add("fused attention", "target", writes == 2 * layers and softmax == layers and len(projections) == 4 * layers,
+               f"{softmax} of {layers} layers run the row-invariant attention over in-place K/V ({writes} K/V writes); "
+               f"{len(projections)} weight MatMuls (4 a layer: packed QKV, o, packed gate/up, down)",
                fix="re-export the artifact (--target-attention fused), or report the regression")
 
 

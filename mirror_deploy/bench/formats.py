@@ -41,6 +41,7 @@ def main(argv=None) -> None:
     speed: dict[str, list[float]] = {name: [] for name in engines}
     outputs: dict[tuple[str, int], list[int]] = {}
     for i, prompt in enumerate(prompts):
+        console.print(f"[dim]AR {i + 1}/{len(prompts)} ({prompt.task}, {len(prompt.ids)} prompt tokens)[/]")
         for _ in range(args.rounds):
             for name, engine in engines.items():
                 t0 = time.perf_counter()
@@ -56,6 +57,7 @@ def main(argv=None) -> None:
         row = [name, engine.manifest.target_weights, f"{statistics.median(speed[name]):.1f}",
                f"{statistics.median(speed[name]) / base:.2f}"]
         for mode in filter(None, args.modes.split(",")):
+            console.print(f"[dim]{mode} on {name}[/]")
             kind, schedule = EngineMethod.MODES[mode]
             config = GenerationConfig(max_new_tokens=args.max_new_tokens, mode=kind, schedule=schedule,
                                       stop_at_eos=False)

@@ -96,10 +96,14 @@ class TargetRunner:
 
     def head(self, hidden: np.ndarray, rows: np.ndarray, exit_head: bool = False) -> dict:
         graph = (self.graphs.exit_head or self.graphs.head) if exit_head else self.graphs.head
-        hidden = np.ascontiguousarray(hidden[:, rows])
+        n = len(rows)
+        # An even number of rows, as in the segments (runtimes/kv.py): a row's logits then do not depend
+        # on how many rows share the call.
+        hidden = np.ascontiguousarray(hidden[:, [*rows, rows[-1]] if n % 2 else rows])
         if exit_head and self.adapter is not None:
             hidden = self.adapter.run({"hidden_states": hidden})["adapted"]
-        return graph.run({"hidden_states": hidden})
+        out = graph.run({"hidden_states": hidden})
+        return {k: v[:, :n] for k, v in out.items()} if n % 2 else out
 
     def prefix(self, window: list[int], exit_rows: bool) -> PrefixPass:
         seq = len(window)

@@ -1,14 +1,16 @@
 """The target's layer segments as fused ONNX Runtime graphs, built directly from the HF weights.
 
 Written node by node with onnx.helper and numpy, the way onnxruntime-genai's model builder does, instead
-of tracing the HF layers: each layer is (Skip)SimplifiedLayerNormalization, ONE packed QKV MatMul,
-`com.microsoft::GroupQueryAttention` (rotary inside, from cos/sin caches the model's own rotary module
-computes, so rope scaling matches), o_proj, ONE packed gate/up MatMul, SiLU·up, down_proj.
+of tracing the HF layers: each layer is (Skip)SimplifiedLayerNormalization, ONE packed QKV MatMul, rotary
+embeddings (`com.microsoft::RotaryEmbedding`, from cos/sin caches the model's own rotary module computes,
+so rope scaling matches), the K/V write, attention, o_proj, ONE packed gate/up MatMul, SiLU·up, down_proj.
 
 K/V are head-major `[1, kv, capacity, hd]`: the runtime binds one preallocated buffer per layer as both
-past_key.i and present_key.i, so GQA appends the window's K/V in place (no transpose, no copy), and a
-rollback is a smaller `seqlens_k`. GQA's own causal mask is the target's window mask (the target only
-verifies linear windows), so no mask input is needed.
+past_key.i and present_key.i, and `TensorScatter` writes the window's K/V into it in place (no copy); a
+rollback is a smaller length. Attention is written so a row computes the same bits in a verify window as
+alone (`_invariant_attention`, axes.py), with its causal mask built from position_ids. (ORT's
+GroupQueryAttention, used before, is not row-invariant; seqlens_k and total_sequence_length stay inputs
+for runtimes that feed them, unused.)
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from ..axes import ATTENTION_SPAN, SEQ
 from .shapes import TensorSpec, kv_names
 
 FUSED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+OPSET = 24   # TensorScatter: the in-place K/V write
 KV_CAPACITY = "capacity"       # axis name of the bound K/V buffers (the artifact's max_context)
 _EXTERNAL_DATA_BYTES = 1 << 30  # protobuf cannot hold 2 GiB; above this the weights go to a side file
 _UNSCALED_ROPE = ("dynamic", "longrope")  # cos/sin depend on the sequence length: not a fixed cache
@@ -172,7 +175,7 @@ def build_fused_head(model, arch, shape, kappa: int, path: Path) -> Path:
                ["top_logprobs", "top_ids"], axis=-1)
         graph = helper.make_graph(g.nodes, "target_head", [_value_info(s) for s in inputs],
                                   [_value_info(s) for s in outputs], g.weights)
-        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                         helper.make_opsetid("com.microsoft", 1)],
                                   producer_name="mirror-deploy fused target")
         proto.ir_version = 8
@@ -199,40 +202,47 @@ def _attention(g: _Graph, x: str, attn, i: int, shape, rotary: tuple[str, str]) 
     h, kv, hd = shape.num_heads, shape.kv_heads, shape.head_dim
     name = f"layers.{i}.attn"
     qkv = _linear(g, x, [attn.q_proj, attn.k_proj, attn.v_proj], f"{name}.qkv_proj")
-    if hasattr(attn, "q_norm"):   # qwen3: q/k are normed per head, so the packed input is split first
-        q, k, v = g.node("Split", [qkv, g.weight(f"{name}.split", np.array([h * hd, kv * hd, kv * hd], np.int64))],
-                         f"{name}/SplitQKV", 3, axis=-1)
-        q_k_v = [_head_norm(g, q, attn.q_norm, h, hd, f"{name}.q_norm"),
-                 _head_norm(g, k, attn.k_norm, kv, hd, f"{name}.k_norm"), v]
-    else:
-        q_k_v = [qkv, "", ""]   # packed QKV straight into GQA
-    past = [f"past_key.{i}", f"past_value.{i}"]
-    # GQA rotates K and appends the window's K/V in place; its own attention output is not used (its
-    # kernels sum a row differently alone than inside a window), see _invariant_attention.
-    g.node("GroupQueryAttention", [*q_k_v, *past, "seqlens_k", "total_sequence_length", *rotary, "position_ids"],
-           f"{name}/GroupQueryAttention", [f"{name}/gqa_out", f"present_key.{i}", f"present_value.{i}"],
-           domain="com.microsoft", num_heads=h, kv_num_heads=kv, do_rotary=1,
-           scale=float(getattr(attn, "scaling", hd ** -0.5)))
-    q = q_k_v[0] if q_k_v[1] else g.node("Split", [qkv, g.weight(f"{name}.qsplit", np.array(
-        [h * hd, 2 * kv * hd], np.int64))], f"{name}/SplitQ", 2, axis=-1)[0]
+    q, k, v = g.node("Split", [qkv, g.weight(f"{name}.split", np.array([h * hd, kv * hd, kv * hd], np.int64))],
+                     f"{name}/SplitQKV", 3, axis=-1)
+    if hasattr(attn, "q_norm"):   # qwen3: q/k are normed per head before the rotary embedding
+        q, k = _head_norm(g, q, attn.q_norm, h, hd, f"{name}.q_norm"), _head_norm(g, k, attn.k_norm, kv, hd,
+                                                                                  f"{name}.k_norm")
+    _append_kv(g, k, v, i, kv, hd, rotary, name)
     out = _invariant_attention(g, q, i, shape, rotary, float(getattr(attn, "scaling", hd ** -0.5)), name)
     return _linear(g, out, [attn.o_proj], f"{name}.o_proj")
 
 
+def _append_kv(g: _Graph, k: str, v: str, i: int, kv: int, hd: int, rotary: tuple[str, str], name: str) -> None:
+    """Rotate K and write the window's K/V at its slots of the bound buffers, in place (TensorScatter: the
+    output is the input buffer, so nothing is copied): present_key.i / present_value.i."""
+    if "write_at" not in g.shared:   # the window's first slot: its first row's position
+        first = g.one("Slice", ["position_ids", g.weight("kv.zero", np.array([0], np.int64)),
+                                g.weight("kv.one", np.array([1], np.int64)), g.weight("kv.axis", np.array([1], np.int64))],
+                      "kv/First")
+        g.shared["write_at"] = g.one("Reshape", [first, g.weight("kv.flat", np.array([1], np.int64))], "kv/WriteAt")
+    k = g.one("RotaryEmbedding", [k, "position_ids", *rotary], f"{name}/RotaryK", domain="com.microsoft",
+              num_heads=kv, interleaved=0)
+    for t, kind in ((k, "key"), (v, "value")):
+        heads = g.one("Transpose", [g.one("Reshape", [t, g.weight(f"{name}.{kind}4", np.array([0, 0, kv, hd], np.int64))],
+                                           f"{name}/{kind}Heads")], f"{name}/{kind}HeadMajor", perm=[0, 2, 1, 3])
+        g.nodes.append(helper.make_node("TensorScatter", [f"past_{kind}.{i}", heads, g.shared["write_at"]],
+                                        [f"present_{kind}.{i}"], name=f"{name}/Write{kind}", axis=2))
+
+
 def _span(g: _Graph, past_key: str) -> tuple[str, str]:
     """(span as a 1-d end for Slice, additive causal mask [seq, 1, span]) shared by a segment's layers. The
-    span is total_sequence_length rounded up to ATTENTION_SPAN, within the buffers' capacity."""
+    span is the last row's position + 1 rounded up to ATTENTION_SPAN, within the buffers' capacity (by
+    position, not total_sequence_length: the runtime's extra row of an odd window repeats a position)."""
     if "span" not in g.shared:
         const = lambda n, v, t=np.int64: g.weight(f"span.{n}", np.array(v, t))  # noqa: E731
-        # A scalar whether the runtime binds total_sequence_length as [] or [1] (GQA takes both).
-        total = g.one("Reshape", [g.one("Cast", ["total_sequence_length"], "span/Cast", to=TensorProto.INT64),
-                                  const("scalar", np.zeros(0, np.int64))], "span/Total")
+        total = g.one("Add", [g.one("ReduceMax", ["position_ids"], "span/Last", keepdims=0), const("one", 1)],
+                      "span/Total")
         step = const("step", ATTENTION_SPAN)
         rounded = g.one("Mul", [g.one("Div", [g.one("Add", [total, const("round", ATTENTION_SPAN - 1)], "span/Add"),
                                               step], "span/Div"), step], "span/Mul")
         capacity = g.one("Gather", [g.one("Shape", [past_key], "span/Shape"), const("axis", 2)], "span/Capacity")
         span = g.one("Min", [rounded, capacity], "span/Min")
-        keys = g.one("Range", [const("zero", 0), span, const("one", 1)], "span/Keys")
+        keys = g.one("Range", [const("zero", 0), span, "span.one"], "span/Keys")
         rows = g.one("Reshape", ["position_ids", const("rows", [-1, 1, 1])], "span/Rows")
         visible = g.one("LessOrEqual", [keys, rows], "span/Visible")
         mask = g.one("Where", [visible, const("open", 0.0, np.float32),
@@ -283,7 +293,7 @@ def _invariant_attention(g: _Graph, q: str, i: int, shape, rotary: tuple[str, st
 def _mlp(g: _Graph, x: str, mlp, i: int) -> str:
     name = f"layers.{i}.mlp"
     gate_up = _linear(g, x, [mlp.gate_proj, mlp.up_proj], f"{name}.gate_up_proj")
-    gate, up = g.node("Split", [gate_up], f"{name}/SplitGateUp", 2, axis=-1)
+    gate, up = g.node("Split", [gate_up], f"{name}/SplitGateUp", 2, axis=-1, num_outputs=2)
     silu = g.one("Mul", [gate, g.one("Sigmoid", [gate], f"{name}/Sigmoid")], f"{name}/SiLU")
     return _linear(g, g.one("Mul", [silu, up], f"{name}/Mul"), [mlp.down_proj], f"{name}.down_proj")
 
@@ -344,7 +354,7 @@ def build_fused_segment(model, arch, shape, layers: range, capacity: int, path: 
         g.nodes.append(helper.make_node("Identity", [out], ["hidden_out"], name="hidden_out/Identity"))
         graph = helper.make_graph(g.nodes, f"target_layers_{layers.start}_{layers.stop}",
                                   [_value_info(s) for s in inputs], [_value_info(s) for s in outputs], g.weights)
-        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                         helper.make_opsetid("com.microsoft", 1)],
                                   producer_name="mirror-deploy fused target")
         proto.ir_version = 8

@@ -92,20 +92,29 @@ class InPlaceKV:
                 "total_sequence_length": np.array(start + seq, np.int32)}
 
     def run(self, graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One call, or one per ATTENTION_SPAN block when the window's positions cross a multiple of it: the
-        fused attention reads K/V up to the next multiple of the call's end, so each row then reads the span
-        it would read alone, and a verify window computes what single steps do, bit for bit."""
+        """The window as calls whose rows compute what they would alone (see axes.py): one call per
+        ATTENTION_SPAN block its positions touch, each with an even number of rows."""
         positions = feeds["position_ids"][0]
         start, seq = int(positions[0]), len(positions)
         cuts = [p for p in range(start + 1, start + seq) if p % ATTENTION_SPAN == 0]
-        if not cuts:
-            return graph.run(feeds, in_place=self.bound)
         rows = "input_ids" if "input_ids" in feeds else "hidden_states"
         outs = []
         for a, b in zip([start, *cuts], [*cuts, start + seq]):
             part = {**feeds, rows: feeds[rows][:, a - start:b - start], **self.window_feeds(a, b - a, self.capacity)}
-            outs.append(graph.run(part, in_place=self.bound))
-        return {k: np.concatenate([o[k] for o in outs], axis=1) for k in outs[0]}
+            outs.append(self._even_call(graph, part, rows, a, b - a))
+        return outs[0] if len(outs) == 1 else {k: np.concatenate([o[k] for o in outs], axis=1) for k in outs[0]}
+
+    def _even_call(self, graph, feeds: dict, rows: str, start: int, seq: int) -> dict[str, np.ndarray]:
+        """An odd window gets one more row (its last one again, at the same position): int4 MatMulNBits
+        computes rows in pairs and a lone row another way. The extra row's K/V land in the slot after the
+        window, which no real row reads (causal) and the next token overwrites; its outputs are dropped.
+        Without a free slot (the last one of the buffers) the call runs odd."""
+        if seq % 2 == 0 or start + seq >= self.capacity:
+            return graph.run(feeds, in_place=self.bound)
+        padded = {**feeds, **self.window_feeds(start, seq + 1, self.capacity)}
+        padded[rows] = np.concatenate([feeds[rows], feeds[rows][:, -1:]], axis=1)
+        padded["position_ids"] = np.concatenate([feeds["position_ids"], feeds["position_ids"][:, -1:]], axis=1)
+        return {k: v[:, :seq] for k, v in graph.run(padded, in_place=self.bound).items()}
 
 
 def causal_mask(committed: int, seq: int, past_len: int) -> np.ndarray:
