@@ -42,7 +42,6 @@ ortgenai-builder:
 # llama-cpp-python 0.3.36 sdist vendors (no wheel or package fits), 4-10 min on two cores, installed with
 # its GGUF converter into ${MIRROR_DEPLOY_CACHE:-~/.cache/mirror-deploy}/llama.cpp/0.3.36.
 llama-cpp: $(STAMP)
-	$(BIN)/pip install -q sentencepiece   # the converter imports it even for BPE tokenizers
 	mirror_deploy/bench/peers/llama_cpp_build.sh $(BIN)/pip
 
 clean:

@@ -19,7 +19,7 @@ from mirror_deploy.export.gguf_weights import MAPPERS, map_weight
 from mirror_deploy.export.pipeline import ExportOptions, export_artifact
 from mirror_deploy.runtimes.loader import open_target
 from mirror_deploy.targets import Profile
-from mirror_deploy.tiny import build_model, perturbed, tiny_config
+from mirror_deploy.tiny import build_model, perturbed, tiny_config, tiny_tokenizer
 from mirror_deploy.tiny_gguf import ALTERNATE_TYPES, MIXED_TYPES, random_blocks, write_tiny_gguf
 
 QUIET = Console(quiet=True)
@@ -164,6 +164,7 @@ def test_one_query_head_per_kv_head_is_exact_too(tmp_path):
     config = tiny_config("llama", layers=2)
     config.num_key_value_heads = config.num_attention_heads
     build_model(config, 0, scale=3.0).save_pretrained(tmp_path / "mha")
+    tiny_tokenizer().save_pretrained(tmp_path / "mha")
     art = export_artifact(tmp_path / "mha", None, tmp_path / "art", ExportOptions(**OPTS), QUIET)
     assert _windows_differ_from_steps(art) == 0
 

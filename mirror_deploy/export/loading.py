@@ -49,8 +49,8 @@ class SourceModel:
         where, extra = self.gguf_args()
         try:
             tok = load_tokenizer(where, self.config.model_type, **extra)
-        except (OSError, ValueError, TypeError):
-            return None
+        except (OSError, ValueError, TypeError, AttributeError):   # no (usable) tokenizer in the checkpoint;
+            return None   # AttributeError: transformers' tiktoken fallback on a folder without one
         if extra:   # transformers' GGUF tokenizer conversion drops special tokens and the file's eos
             from ..models import restore_gguf_tokens
             restore_gguf_tokens(tok, self.path, self.config.eos_token_id)

@@ -70,7 +70,7 @@ def convert_to_gguf(model_dir, cache=None, pre_tokenizer: str | None = None) -> 
         __import__("sentencepiece")   # the converter imports it even for BPE tokenizers
     except ImportError as e:
         raise MirrorDeployError(f"llama.cpp's GGUF converter needs sentencepiece ({e})",
-                                "pip install sentencepiece (make llama-cpp installs it)") from e
+                                "pip install -e '.[peers]' (sentencepiece is in the peers extra)") from e
     out = cache_entry(cache, "gguf-f32" + (f"-pre-{pre_tokenizer}" if pre_tokenizer else ""), model_dir)
 
     def build(temps: dict[int, Path]) -> None:
