@@ -32,16 +32,15 @@ def gguf_sources(group: str, tensors: dict) -> list[str]:
 
 
 def _dense_from_graph(folder: Path, inits: dict, nodes: dict, prefix: str) -> np.ndarray:
+    """A projection part's MatMulNBits blocks (and offsets), expanded the way the graph computes them."""
+    from .export.gguf_weights import MappedWeight
     node = nodes[f"{prefix}.qweight"]
     bits, block = (next(a.i for a in node.attribute if a.name == key) for key in ("bits", "block_size"))
     packed = numpy_helper.to_array(inits[f"{prefix}.qweight"], str(folder))
-    n, blocks = packed.shape[:2]
-    codes = packed if bits == 8 else np.stack([packed & 0x0F, packed >> 4], -1).reshape(n, blocks, block)
-    scales = numpy_helper.to_array(inits[f"{prefix}.scales"], str(folder)).reshape(n, blocks)
-    w = (codes.astype(np.float32) - (1 << (bits - 1))) * scales[..., None]
-    if f"{prefix}.offsets" in inits:
-        w = w + numpy_helper.to_array(inits[f"{prefix}.offsets"], str(folder)).T[..., None]
-    return w.reshape(n, blocks * block)
+    scales = numpy_helper.to_array(inits[f"{prefix}.scales"], str(folder)).reshape(packed.shape[:2])
+    offsets = (numpy_helper.to_array(inits[f"{prefix}.offsets"], str(folder)).T
+               if f"{prefix}.offsets" in inits else None)
+    return MappedWeight("graph", bits, block, packed, scales, offsets).dequantize()
 
 
 def _graph_projections(folder: Path, m: Manifest, names: list[str]):

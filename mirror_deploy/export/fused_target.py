@@ -173,16 +173,9 @@ def build_fused_head(model, arch, shape, kappa: int, path: Path) -> Path:
         logprobs = g.one("LogSoftmax", [logits], "LogSoftmax", axis=-1)
         g.node("TopK", [logprobs, g.weight("kappa", np.array([kappa], np.int64))], "TopK",
                ["top_logprobs", "top_ids"], axis=-1)
-        graph = helper.make_graph(g.nodes, "target_head", [_value_info(s) for s in inputs],
-                                  [_value_info(s) for s in outputs], g.weights)
-        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
-                                                        helper.make_opsetid("com.microsoft", 1)],
-                                  producer_name="mirror-deploy fused target")
-        proto.ir_version = 8
     finally:
         g.close()
-    onnx.save_model(proto, str(path))
-    return path
+    return _save(g, "target_head", inputs, outputs, path)
 
 
 def _norm_eps(norm) -> float:
@@ -352,13 +345,18 @@ def build_fused_segment(model, arch, shape, layers: range, capacity: int, path: 
         rotary = _rotary_caches(g, model, arch, capacity)
         out = _decoder_layers(g, hidden, model, arch, layers, shape, rotary)
         g.nodes.append(helper.make_node("Identity", [out], ["hidden_out"], name="hidden_out/Identity"))
-        graph = helper.make_graph(g.nodes, f"target_layers_{layers.start}_{layers.stop}",
-                                  [_value_info(s) for s in inputs], [_value_info(s) for s in outputs], g.weights)
-        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
-                                                        helper.make_opsetid("com.microsoft", 1)],
-                                  producer_name="mirror-deploy fused target")
-        proto.ir_version = 8
     finally:
         g.close()
-    onnx.save_model(proto, str(path))   # external tensors already sit in the side file
+    return _save(g, f"target_layers_{layers.start}_{layers.stop}", inputs, outputs, path)
+
+
+def _save(g: _Graph, name: str, inputs: list[TensorSpec], outputs: list[TensorSpec], path: Path) -> Path:
+    """The written nodes and weights as one model at `path` (large tensors already sit in the side file)."""
+    graph = helper.make_graph(g.nodes, name, [_value_info(s) for s in inputs], [_value_info(s) for s in outputs],
+                              g.weights)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                    helper.make_opsetid("com.microsoft", 1)],
+                              producer_name="mirror-deploy fused target")
+    proto.ir_version = 8
+    onnx.save_model(proto, str(path))
     return path

@@ -7,7 +7,6 @@ fused segment builder writes them as `MatMulNBits` (`fused_target._linear`).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -35,21 +34,12 @@ class QuantLinear(nn.Module):
         raise RuntimeError("a GGUF-quantized projection is written to ONNX, never run in PyTorch")
 
 
-def registry_gguf(folder: Path) -> Path | None:
-    """The published GGUF of a model folder made by `mirror-deploy models pull` (pulled if absent)."""
-    marker = folder / "source.json"
-    if not marker.is_file():
-        return None
-    from ..models import SOURCES, pull_gguf
-    name = json.loads(marker.read_text()).get("name")
-    return pull_gguf(name) if name in SOURCES else None
-
-
 def gguf_file_of(path: Path, role: str) -> Path:
     """The .gguf whose blocks `--{role}-weights gguf` keeps: the path itself, or a pulled model's file."""
     if path.is_file() and path.suffix == ".gguf":
         return path
-    found = registry_gguf(path) if path.is_dir() else None
+    from ..models import published_gguf
+    found = published_gguf(path) if path.is_dir() else None
     if found is None:
         raise MirrorDeployError(f"--{role}-weights gguf needs a GGUF file, and {path} is a checkpoint folder "
                                 "with no GGUF behind it",

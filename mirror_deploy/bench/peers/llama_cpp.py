@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from ...errors import MirrorDeployError
-from ...models import cache_dir, pull_gguf
+from ...models import cache_dir, published_gguf
 from ..methods import MethodRun
 from .common import build_once, cache_entry, greedy_only, per_call, run_step
 
@@ -86,10 +86,7 @@ def gguf_for(model_path, cache=None) -> Path:
     path = Path(model_path)
     if path.is_file() and path.suffix == ".gguf":
         return path
-    source = path / "source.json"
-    if source.is_file():
-        return pull_gguf(json.loads(source.read_text())["name"])
-    return convert_to_gguf(path, cache)
+    return published_gguf(path) or convert_to_gguf(path, cache)
 
 
 def _free_port() -> int:
