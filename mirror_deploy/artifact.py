@@ -49,6 +49,9 @@ class Manifest:
     tokenizer: str | None = "tokenizer"
     tuning: dict | None = None       # {"file": "tuning.json", "sha256": ...} once `mirror-deploy tune` ran
     target_attention: str = "eager"  # fused: GQA segments with in-place K/V; eager: traced HF layers
+    # The draft's head cut to its V most frequent tokens (export/vocab_cut.py, tuning/vocab.py):
+    # {"file": ids .npy (hashed in each cut graph's sha256), "size": V, "graphs": [cut graph names], ...}
+    draft_vocab: dict | None = None
     schema_version: int = SCHEMA_VERSION
     created_by: str = field(default="mirror-deploy")
 
@@ -64,6 +67,10 @@ class Manifest:
     @property
     def has_draft(self) -> bool:
         return self.draft is not None
+
+    def vocab_cut(self, graph: str) -> bool:
+        """Does `graph`'s head score only the draft_vocab ids?"""
+        return self.draft_vocab is not None and graph in self.draft_vocab.get("graphs", ())
 
     def target_segments(self) -> list[str]:
         """Graph names of the target's layer segments, first layer first."""

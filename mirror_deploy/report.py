@@ -35,6 +35,7 @@ FIGURES = [  # key, label, unit, format
     ("t_step_ms", "step time", "ms/step", "{:.1f}"),
     ("step_over_ideal", "step ÷ ideal (prefix+max(suffix,draft))", "", "{:.2f}"),
     ("python_ms_per_step", "Python outside runtimes", "ms/step", "{:.2f}"),
+    ("peak_rss_gb", "peak resident memory (process)", "GB", "{:.2f}"),
 ]
 
 

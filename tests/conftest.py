@@ -27,9 +27,10 @@ def tiny_pairs(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 
 @pytest.fixture(scope="session")
 def tiny_artifacts(tiny_pairs, tmp_path_factory) -> dict[str, Path]:
-    """One cpu-sim artifact per architecture (ℓe = 2 of 4 layers, κ = 4, γ = 4, capacity 256)."""
+    """One cpu-sim artifact per architecture (ℓe = 2 of 4 layers, κ = 4, γ = 4, capacity 256), also exported
+    for the cuda profile so it holds the ONNX Runtime draft (draft.onnx) beside the stateful one."""
     root = tmp_path_factory.mktemp("artifacts")
-    opts = ExportOptions(kappa=4, gamma=4, max_context=256, branch_batch=4)
+    opts = ExportOptions(kappa=4, gamma=4, max_context=256, branch_batch=4, also_profiles=("cuda",))
     return {arch: export_artifact(t, d, root / arch, opts) for arch, (t, d) in tiny_pairs.items()}
 
 
@@ -43,5 +44,6 @@ def static_artifact(tiny_pairs, tmp_path_factory) -> Path:
         '[target]\nbackend = "onnxruntime"\ndevice = "cpu"\nthreads = 1\n'
         '[draft]\nbackend = "openvino"\ndevice = "CPU"\nthreads = 1\nprecision = "f32"\nstatic = true\n')
     t, d = tiny_pairs["llama"]
-    opts = ExportOptions(kappa=4, gamma=4, max_context=256, branch_batch=4, profile=str(profile))
+    opts = ExportOptions(kappa=4, gamma=4, max_context=256, branch_batch=4, profile=str(profile),
+                         also_profiles=("cpu-sim",))
     return export_artifact(t, d, root / "art", opts)

@@ -98,9 +98,13 @@ def target_items(engine: Engine, context: int, rows: tuple[int, ...], rng, steps
 
 
 def draft_items(engine: Engine, context: int, widths: tuple[int, ...], rng) -> Timed:
-    driver = DraftDriver(engine.draft)
+    return draft_call_items(engine.draft, engine.manifest.draft["vocab_size"], context, widths, rng)
+
+
+def draft_call_items(runner, vocab: int, context: int, widths: tuple[int, ...], rng, label: str = "draft call") -> Timed:
+    """Tree calls of each width from a committed prefix of `context` random tokens, on `runner`."""
+    driver = DraftDriver(runner)
     driver.runner.reset()
-    vocab = engine.manifest.draft["vocab_size"]
     driver.commit(list(rng.integers(0, vocab, context)))
     items: Timed = {}
     for w in widths:
@@ -114,7 +118,7 @@ def draft_items(engine: Engine, context: int, widths: tuple[int, ...], rng) -> T
             driver.cache.ensure_room(len(tokens))
             driver.call(tokens, [COMMITTED] * len(tokens))
             driver.rollback()
-        items[draft_key(w)] = call
+        items[f"{label} × {w}"] = call
     return items
 
 
@@ -139,7 +143,8 @@ def anatomy(engine: Engine, context: int = 500, rounds: int = 7, prefill_tokens:
         raise MirrorDeployError(f"--context {context} does not fit the artifact's KV capacity {capacity}",
                                 f"use --context {capacity - 2 * (gamma + 1) - 8} or less")
     prefill_tokens = min(prefill_tokens, capacity - 1)
-    step = interleaved({**target_items(engine, context, (1, gamma + 1), rng),
+    rows = tuple(sorted({1, 2, 4, gamma + 1}))
+    step = interleaved({**target_items(engine, context, rows, rng),
                         **(draft_items(engine, context, (1, 4, 8), rng) if engine.draft is not None else {})},
                        rounds)
     fill = interleaved(prefill_items(engine, prefill_tokens, rng), max(1, rounds // 3), warmup=0)

@@ -1,17 +1,17 @@
-"""Several artifacts of one target, side by side: AR speed per weight format, and whether every speculative
-mode equals that artifact's own AR (greedy, SpecBench prompts).
+"""Several artifacts of one target, side by side: each mode's speed per artifact (a weight format, a cut
+draft head, ...), and whether every speculative mode equals that artifact's own AR (greedy, SpecBench).
 
-    python -m mirror_deploy.bench.formats artifacts/qwen-int4 artifacts/qwen-gguf [--modes sd,mirror] ...
+    python -m mirror_deploy.bench.formats artifacts/qwen-int4 artifacts/qwen-gguf [--modes ar,sd,mirror] ...
 
-All artifacts stay loaded; each prompt runs AR on every artifact in turn (rounds interleaved, so load and
-clock drift fall on all alike), and the table reports median tokens/s and the ratio to the first artifact.
-Then each speculative mode runs once per prompt and artifact and is compared with that artifact's AR.
+All artifacts stay loaded; each prompt runs every (artifact, mode) in turn, `--rounds` times, the order
+rotated per round (so load and clock drift fall on all alike). The table reports median decode tokens/s,
+the ratio to the first artifact's same mode and to the artifact's own AR, and on how many prompts the
+mode's output equals that artifact's AR.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 from rich.console import Console
@@ -28,42 +28,46 @@ def main(argv=None) -> None:
     parser.add_argument("artifacts", nargs="+", type=Path)
     parser.add_argument("--per-task", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3, help="AR runs per prompt and artifact (median)")
-    parser.add_argument("--modes", default="sd,mirror-serial,mirror",
-                        help="speculative modes compared with each artifact's AR ('' for none)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per prompt, artifact and mode (median)")
+    parser.add_argument("--modes", default="ar,sd,mirror-serial,mirror",
+                        help="modes, comma-separated (ar is always run: the others are compared with it)")
     args = parser.parse_args(argv)
     console = Console()
     engines = {str(a): load(a) for a in args.artifacts}
     first = next(iter(engines.values()))
     room = min(prompt_room(e.manifest, args.max_new_tokens) for e in engines.values())
     prompts, _ = load_prompts(first.tokenizer, args.per_task, max_tokens=room)
-    ar = GenerationConfig(max_new_tokens=args.max_new_tokens, mode="ar", stop_at_eos=False)
-    speed: dict[str, list[float]] = {name: [] for name in engines}
-    outputs: dict[tuple[str, int], list[int]] = {}
+    modes = ["ar", *[m for m in args.modes.split(",") if m and m != "ar"]]
+    configs = {}
+    for mode in modes:
+        kind, schedule = EngineMethod.MODES[mode]
+        configs[mode] = GenerationConfig(max_new_tokens=args.max_new_tokens, mode=kind, schedule=schedule,
+                                         stop_at_eos=False, lookup=mode.endswith(EngineMethod.BESIDE))
+    runs = [(name, mode) for name in engines for mode in modes]
+    speed = {run: [] for run in runs}
+    outputs: dict[tuple[str, str, int], list[int]] = {}
     for i, prompt in enumerate(prompts):
-        console.print(f"[dim]AR {i + 1}/{len(prompts)} ({prompt.task}, {len(prompt.ids)} prompt tokens)[/]")
-        for _ in range(args.rounds):
-            for name, engine in engines.items():
-                t0 = time.perf_counter()
-                result = engine.generate(prompt.ids, ar)
-                speed[name].append(len(result.tokens) / (time.perf_counter() - t0))
-                outputs[name, i] = result.tokens
-    table = Table(title=f"AR, {len(prompts)} SpecBench prompts × {args.rounds} rounds, {args.max_new_tokens} tokens")
-    for column in ("artifact", "weights", "tok/s (median)", "× first", *args.modes.split(",")):
-        if column:
-            table.add_column(column)
-    base = statistics.median(speed[str(args.artifacts[0])])
+        console.print(f"[dim]{i + 1}/{len(prompts)} ({prompt.task}, {len(prompt.ids)} prompt tokens)[/]")
+        for r in range(args.rounds):
+            for name, mode in runs[r % len(runs):] + runs[:r % len(runs)]:
+                result = engines[name].generate(prompt.ids, configs[mode])
+                speed[name, mode].append(len(result.tokens) / result.metrics.t_decode)
+                outputs[name, mode, i] = result.tokens
+    median = {run: statistics.median(s) for run, s in speed.items()}
+    table = Table(title=f"{len(prompts)} SpecBench prompts × {args.rounds} rounds, {args.max_new_tokens} tokens, "
+                        "decode tok/s (median)")
+    for column in ("artifact", "weights", "mode", "tok/s", "× first artifact", "× own AR", "output = own AR"):
+        table.add_column(column)
+    base = str(args.artifacts[0])
     for name, engine in engines.items():
-        row = [name, engine.manifest.target_weights, f"{statistics.median(speed[name]):.1f}",
-               f"{statistics.median(speed[name]) / base:.2f}"]
-        for mode in filter(None, args.modes.split(",")):
-            console.print(f"[dim]{mode} on {name}[/]")
-            kind, schedule = EngineMethod.MODES[mode]
-            config = GenerationConfig(max_new_tokens=args.max_new_tokens, mode=kind, schedule=schedule,
-                                      stop_at_eos=False)
-            equal = sum(engine.generate(p.ids, config).tokens == outputs[name, i] for i, p in enumerate(prompts))
-            row.append(f"= AR on {equal}/{len(prompts)}")
-        table.add_row(*row)
+        cut = engine.manifest.draft_vocab
+        weights = engine.manifest.target_weights + (f", draft head {cut['size']}" if cut else "")
+        for mode in modes:
+            equal = sum(outputs[name, mode, i] == outputs[name, "ar", i] for i in range(len(prompts)))
+            table.add_row(Path(name).name, weights, mode, f"{median[name, mode]:.1f}",
+                          f"{median[name, mode] / median[base, mode]:.2f}",
+                          f"{median[name, mode] / median[name, 'ar']:.2f}",
+                          "-" if mode == "ar" else f"{equal}/{len(prompts)}")
     console.print(table)
 
 

@@ -53,8 +53,12 @@ def our_methods(engine: Engine, req: BenchRequest) -> list[EngineMethod]:
 
 def run_anatomy(artifact: Path, profile: str | None, context: int, rounds: int) -> None:
     from .anatomy import anatomy, print_anatomy
+    from .bandwidth import bandwidth_rows, print_bandwidth
     engine = Engine(artifact, profile)
-    print_anatomy(anatomy(engine, context, rounds), engine, context, Console())
+    figures = anatomy(engine, context, rounds)
+    print_anatomy(figures, engine, context, Console())
+    print_bandwidth(bandwidth_rows(engine.folder, engine.manifest, engine.profile, figures, engine.manifest.gamma),
+                    Console())
 
 
 def run_specbench(artifact: Path, profile: str | None, req: BenchRequest, err: Console) -> None:

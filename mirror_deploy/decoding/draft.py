@@ -28,10 +28,36 @@ from .sampling import FRESH_STREAM, choose, keyed_rng
 @dataclass
 class CallRows:
     """One draft call's outputs for its real (unpadded) tokens: logits, and the draft's own top-m
-    tokens and probabilities, computed in the graph."""
-    logits: np.ndarray      # [n, vocab]
-    top_ids: np.ndarray     # [n, m]
+    tokens and probabilities, computed in the graph. A cut head (export/vocab_cut.py) scores only
+    `vocab_ids`: its logits' columns are those ids, and every other token has probability 0."""
+    logits: np.ndarray      # [n, vocab] or [n, V] of a cut head
+    top_ids: np.ndarray     # [n, m] vocabulary ids (mapped back in the graph)
     top_probs: np.ndarray   # [n, m]
+    vocab_ids: np.ndarray | None = None
+    vocab: int = 0
+
+    def argmax(self, i: int) -> int:
+        best = int(np.argmax(self.logits[i]))
+        return best if self.vocab_ids is None else int(self.vocab_ids[best])
+
+    def choose(self, i: int, cfg: GenerationConfig, rng) -> tuple[int, np.ndarray | None]:
+        """The draft's token for row i and, when sampling, the whole-vocabulary distribution it came from."""
+        if self.vocab_ids is None:
+            return choose(self.logits[i], cfg, rng)
+        if cfg.greedy:
+            return self.argmax(i), None
+        local, probs = choose(self.logits[i], cfg, rng)
+        full = np.zeros(self.vocab, probs.dtype)
+        full[self.vocab_ids] = probs
+        return int(self.vocab_ids[local]), full
+
+    def full_logits(self) -> np.ndarray:
+        """[n, vocab] logits, -inf outside a cut head's ids (for checks and teacher-forced statistics)."""
+        if self.vocab_ids is None:
+            return self.logits
+        full = np.full((len(self.logits), self.vocab), -np.inf, np.float32)
+        full[:, self.vocab_ids] = self.logits
+        return full
 
 
 @dataclass
@@ -45,7 +71,7 @@ class Window:
     source: str = "draft"           # who proposed it: draft (the model) or lookup (decoding/lookup.py)
 
     def add(self, rows: CallRows, i: int, cfg: GenerationConfig, rng) -> int:
-        token, probs = choose(rows.logits[i], cfg, rng)
+        token, probs = rows.choose(i, cfg, rng)
         self.tokens.append(token)
         self.probs.append(probs)
         self.top_ids.append(rows.top_ids[i])
@@ -91,6 +117,8 @@ class DraftRunner:
             raise MirrorDeployError(f"the draft graph {graph.name} has no top_ids output (exported by an older "
                                     "mirror-deploy)", "re-export the artifact")
         self.graph = graph
+        self.vocab_ids = getattr(graph, "vocab_ids", None)   # a cut head's ids (runtimes/loader.with_vocab)
+        self.vocab = d.get("vocab_size", 0)
         store = store_for(graph, range(d["num_layers"]), manifest.max_context, d["kv_heads"], d["head_dim"])
         self.cache = DraftCache(store, manifest.max_context)
         self.static_seq = graph.static_dims["seq"] if graph.static_dims else None
@@ -119,7 +147,8 @@ class DraftRunner:
         self.busy += time.perf_counter() - t0
         self.cache.append(out, tokens, parents, positions)
         n = len(tokens)
-        return CallRows(out["logits"][0, :n], out["top_ids"][0, :n], out["top_probs"][0, :n])
+        return CallRows(out["logits"][0, :n], out["top_ids"][0, :n], out["top_probs"][0, :n], self.vocab_ids,
+                        self.vocab)
 
     def prefill(self, tokens: list[int], start: int = 0) -> None:
         """Committed K/V for `tokens` at positions start.. (the prompt without its last token)."""
@@ -192,7 +221,7 @@ class DraftRunner:
                 b.slots.append(first + row)
                 b.window.add(rows, row, cfg, rngs[b.key])
             if extra and continuation:
-                run.guess = int(np.argmax(rows.logits[0]))          # the likeliest bonus token
+                run.guess = rows.argmax(0)                           # the likeliest bonus token
                 key = (gamma + 1, run.guess)
                 if key not in run.branches:
                     run.branches[key] = Branch(gamma + 1, run.guess, root_pos + gamma + 1, run.bonus_slot)

@@ -78,7 +78,7 @@ class DraftDriver:
             positions.append(self._position(parent, earlier))
             earlier[self.call_slot(j)] = positions[-1]
         slots = [self.call_slot(j) for j in range(len(tokens))]
-        return self.runner.call(tokens, parents, positions).logits, slots
+        return self.runner.call(tokens, parents, positions).full_logits(), slots
 
     def commit(self, tokens) -> np.ndarray:
         """Append `tokens` to the committed prefix (in calls of the static width if pinned)."""

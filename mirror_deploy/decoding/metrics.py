@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import resource
+import sys
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -78,8 +80,15 @@ class RunMetrics:
             "t_step_ms": 1e3 * total("t_step") / n,
             "step_over_ideal": total("t_step") / ideal if ideal else None,
             "python_ms_per_step": 1e3 * (total("t_step") - on_path) / n,
+            "peak_rss_gb": peak_rss_gb(),
         }
 
     def trace_lines(self):
         for i, step in enumerate(self.steps):
             yield json.dumps({"step": i, **asdict(step)})
+
+
+def peak_rss_gb() -> float:
+    """The process's peak resident memory so far (weights, K/V and runtimes' arenas together), in GB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9   # bytes on macOS, KiB on Linux

@@ -326,8 +326,40 @@ def _value_info(spec: TensorSpec):
     return helper.make_tensor_value_info(spec.name, dtype, list(spec.shape))
 
 
-def build_fused_segment(model, arch, shape, layers: range, capacity: int, path: Path) -> Path:
-    """Write layers [start, stop) of the target as one fused ONNX graph at `path`."""
+EMBED_BLOCK = 32   # int8 embedding rows: one scale per 32 values (as GGUF's Q8_0)
+
+
+def quantize_rows_int8(weight: torch.Tensor, block: int = EMBED_BLOCK, chunk: int = 8192):
+    """Symmetric int8 per `block` values of each row, as GatherBlockQuantized reads it (uint8, zero point
+    128): (data [V, H] uint8, scales [V, H / block] fp32). In row chunks, so no second fp32 table is held."""
+    rows, width = weight.shape
+    data = np.empty((rows, width), np.uint8)
+    scales = np.empty((rows, width // block), np.float32)
+    for at in range(0, rows, chunk):
+        blocks = weight[at:at + chunk].detach().to(torch.float32).numpy().reshape(-1, width // block, block)
+        scale = np.abs(blocks).max(axis=-1) / 127.0
+        scale[scale == 0] = 1.0
+        q = np.clip(np.rint(blocks / scale[..., None]), -127, 127) + 128
+        data[at:at + chunk] = q.reshape(-1, width).astype(np.uint8)
+        scales[at:at + chunk] = scale
+    return data, scales
+
+
+def _embedding(g: _Graph, weight: torch.Tensor, quantized: bool) -> str:
+    """The token lookup: exact fp32 rows, or int8 rows (a quarter of the bytes; one row per token read,
+    so a window and a step still see the same values)."""
+    if not quantized or weight.shape[1] % EMBED_BLOCK:
+        return g.one("Gather", [g.weight("embed_tokens.weight", weight), "input_ids"], "embed_tokens/Gather")
+    data, scales = quantize_rows_int8(weight)
+    return g.one("GatherBlockQuantized", [g.weight("embed_tokens.qweight", data), "input_ids",
+                                          g.weight("embed_tokens.scales", scales)], "embed_tokens/GatherBlockQuantized",
+                 domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=EMBED_BLOCK, bits=8)
+
+
+def build_fused_segment(model, arch, shape, layers: range, capacity: int, path: Path,
+                        quantized_embedding: bool = False) -> Path:
+    """Write layers [start, stop) of the target as one fused ONNX graph at `path`; `quantized_embedding`
+    stores the first segment's token table as int8 blocks."""
     inputs, outputs = fused_segment_io(shape, layers)
     params = [p for layer in arch.layers_of(model)[layers.start:layers.stop] for p in layer.parameters()]
     if layers.start == 0:
@@ -339,7 +371,7 @@ def build_fused_segment(model, arch, shape, layers: range, capacity: int, path: 
     try:
         if layers.start == 0:
             embed = arch.decoder_of(model).get_submodule(arch.embed).weight
-            hidden = g.one("Gather", [g.weight("embed_tokens.weight", embed), "input_ids"], "embed_tokens/Gather")
+            hidden = _embedding(g, embed, quantized_embedding)
         else:
             hidden = "hidden_states"
         rotary = _rotary_caches(g, model, arch, capacity)

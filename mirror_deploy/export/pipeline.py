@@ -36,6 +36,9 @@ TARGET_WEIGHT_BITS = {"fp32": None, "fp16": None, "int8": 8, "int4": 4, "gguf": 
 # branches, so a cheaper exit head changes speed, never the committed output.
 EXIT_HEAD_FORMATS = {"shared": None, "int8": 8, "int4": 4}
 WEIGHT_BITS = {**TARGET_WEIGHT_BITS, **EXIT_HEAD_FORMATS}
+# Target formats whose fused first segment stores the token table as int8 blocks: a quarter of the fp32
+# table's bytes (0.93 GB for Qwen2.5-1.5B). A GGUF target's table is dequantized from its own blocks.
+QUANTIZED_EMBEDDING = ("int8", "int4")
 # Target segments: "fused" are built from the weights (GroupQueryAttention, in-place K/V; ONNX Runtime
 # only), "eager" are the traced HF layers (any architecture, any runtime; kept for A/B and OpenVINO).
 TARGET_ATTENTION = ("fused", "eager")
@@ -62,6 +65,7 @@ class ExportOptions:
     exit_head_weights: str = "shared"  # int8/int4: a cheaper copy of the head for the early exit
     target_weights: str = "fp32"
     target_attention: str | None = None  # fused | eager; None: fused where supported, else eager
+    also_profiles: tuple[str, ...] = ()   # more profiles the artifact serves: their draft graphs are written too
 
 
 def target_attention(target: SourceModel, profile: Profile, opts: ExportOptions) -> str:
@@ -200,9 +204,11 @@ class FusedSegment:
     model: object
     layers: range
     capacity: int
+    quantized_embedding: bool = False
 
     def build(self, path: Path) -> Path:
-        return build_fused_segment(self.model, self.source.arch, self.source.shape, self.layers, self.capacity, path)
+        return build_fused_segment(self.model, self.source.arch, self.source.shape, self.layers, self.capacity, path,
+                                   self.quantized_embedding)
 
 
 @dataclass
@@ -224,8 +230,9 @@ def target_parts(target: SourceModel, model, boundaries: list[int], opts: Export
     cuts = [0, *boundaries, n]
 
     def segment(a, b):
-        if attention == "fused":
-            return FusedSegment(target, model, range(a, b), opts.max_context)
+        if attention == "fused":   # int8/int4 targets keep their token table at int8 (GatherBlockQuantized)
+            return FusedSegment(target, model, range(a, b), opts.max_context,
+                                opts.target_weights in QUANTIZED_EMBEDDING)
         return TargetSegment(target.arch, model, a, b)
     parts = [(f"target_seg{i}", segment(a, b), target, range(a, b), opts.target_weights)
              for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
@@ -266,25 +273,51 @@ def _export_parts(parts: list[tuple], stage: Path, step, kappa: int, openvino: b
     return graphs
 
 
-def _export_draft(draft: SourceModel, opts: ExportOptions, profile: Profile, stage: Path, step) -> dict[str, GraphEntry]:
-    """The draft's graphs: explicit-K/V ONNX, the stateful OpenVINO IR, and the static (NPU) IR where the
-    profile runs a static draft."""
+def draft_graph_of(profile: Profile) -> str:
+    """The draft graph a profile runs: explicit-K/V ONNX on ONNX Runtime, the static IR on a static (NPU)
+    draft, else the stateful IR (runtimes/loader.draft_graph_name reads the same rule from a manifest)."""
+    if profile.draft.backend == "onnxruntime":
+        return "draft"
+    return "draft_static" if profile.draft.static else "draft_stateful"
+
+
+def artifact_profiles(opts: ExportOptions) -> list[Profile]:
+    """The profile the artifact records, then the others it is exported for. Target graphs are built for
+    the first; the others must run the target on the same runtime."""
+    profiles = [load_profile(opts.profile), *(load_profile(p) for p in opts.also_profiles)]
+    for other in profiles[1:]:
+        if other.target.backend != profiles[0].target.backend:
+            raise MirrorDeployError(f"profiles {profiles[0].name} and {other.name} run the target on different "
+                                    f"runtimes ({profiles[0].target.backend}, {other.target.backend}), and one "
+                                    "artifact holds one set of target graphs", "export one artifact per target runtime")
+    return profiles
+
+
+def _export_draft(draft: SourceModel, opts: ExportOptions, needed: set[str], stage: Path, step) -> dict[str, GraphEntry]:
+    """The draft graphs the artifact's profiles run (`draft_graph_of`): only those are written. The static
+    IR is converted from the explicit-K/V ONNX, which is then kept only if a profile runs it."""
     graphs: dict[str, GraphEntry] = {}
     nd = draft.shape.num_layers
     with step(f"loading draft {draft.path.name}"):
         draft_model = draft.load_model()
-    graphs.update(_export_parts([("draft", FullModel(draft.arch, draft_model, 0, nd, draft_top_m(draft.shape)),
-                                  draft, range(0, nd), "fp32")], stage, step, opts.kappa))
-    with step(f"compiling the stateful draft to OpenVINO IR ({opts.draft_weights} weights)"):
-        xml = export_stateful_draft(stage, draft, draft_model, opts.draft_weights)
-        graphs["draft_stateful"] = _graph_entry(stage, xml, range(0, nd), "openvino", weights=opts.draft_weights)
+    if needed & {"draft", "draft_static"}:
+        graphs.update(_export_parts([("draft", FullModel(draft.arch, draft_model, 0, nd, draft_top_m(draft.shape)),
+                                      draft, range(0, nd), "fp32")], stage, step, opts.kappa))
+    if "draft_stateful" in needed:
+        with step(f"compiling the stateful draft to OpenVINO IR ({opts.draft_weights} weights)"):
+            xml = export_stateful_draft(stage, draft, draft_model, opts.draft_weights)
+            graphs["draft_stateful"] = _graph_entry(stage, xml, range(0, nd), "openvino", weights=opts.draft_weights)
     del draft_model
     draft.release()
-    if profile.draft.static:
+    if "draft_static" in needed:
         with step(f"compiling the static (NPU) draft to OpenVINO IR ({opts.draft_weights} weights)"):
             xml = convert_draft(stage / "draft.onnx", stage / "draft_static.xml", opts.draft_weights,
                                 draft_static_shapes(draft, opts))
             graphs["draft_static"] = _graph_entry(stage, xml, range(0, nd), "openvino", True, opts.draft_weights)
+    if "draft" not in needed and "draft" in graphs:
+        for f in graph_files(stage / "draft.onnx"):
+            f.unlink()
+        del graphs["draft"]
     return graphs
 
 
@@ -293,7 +326,8 @@ def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: 
     which serve `ar` and `lookup` (prompt lookup needs no draft model)."""
     console = console or Console(stderr=True)
     out = Path(out).expanduser()
-    profile: Profile = load_profile(opts.profile)
+    profiles = artifact_profiles(opts)
+    profile: Profile = profiles[0]
     target = open_source(target_path, "target")
     draft = open_source(draft_path, "draft") if draft_path is not None else None
     exit_layer, boundaries = validate(target, draft, opts, out)
@@ -332,7 +366,7 @@ def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: 
         del target_model
         target.release()
         if draft is not None:
-            graphs.update(_export_draft(draft, opts, profile, stage, step))
+            graphs.update(_export_draft(draft, opts, {draft_graph_of(p) for p in profiles}, stage, step))
 
         with step("writing tokenizer and manifest"):
             if target_tok is not None:
@@ -344,4 +378,8 @@ def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: 
                 profile=profile.to_dict(), graphs=graphs, tokenizer="tokenizer" if target_tok is not None else None,
                 target_attention=attention)
             manifest.save(stage)
+    targets = [n for n in graphs if not n.startswith("draft")]
+    for p in profiles:
+        uses = targets + ([draft_graph_of(p)] if draft is not None else [])
+        console.print(f"profile {p.name} runs: {', '.join(uses)}")
     return out

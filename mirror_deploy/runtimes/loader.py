@@ -5,6 +5,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ..artifact import Manifest
 from ..errors import MirrorDeployError
 from ..axes import static_draft_dims
@@ -52,6 +54,9 @@ def open_graph(folder: Path, manifest: Manifest, name: str, part: PartProfile, l
 def draft_graph_name(manifest: Manifest, profile: Profile) -> str:
     part = profile.draft
     if part.backend == "onnxruntime":
+        if "draft" not in manifest.graphs:
+            raise MirrorDeployError(f"profile {profile.name} runs the draft on ONNX Runtime (draft.onnx), which this "
+                                    "artifact was not exported for", f"re-export with --profile {profile.name}")
         return "draft"
     if part.static:
         if "draft_static" not in manifest.graphs:
@@ -88,4 +93,27 @@ def target_graphs(manifest: Manifest, opened: dict[str, CompiledGraph]) -> Targe
 
 
 def open_draft(folder: Path, manifest: Manifest, profile: Profile) -> CompiledGraph:
-    return open_graph(folder, manifest, draft_graph_name(manifest, profile), profile.draft, "draft")
+    name = draft_graph_name(manifest, profile)
+    return with_vocab(open_graph(folder, manifest, name, profile.draft, "draft"), folder, manifest, name)
+
+
+def draft_vocab_ids(folder: Path, manifest: Manifest) -> np.ndarray:
+    """The vocabulary ids a cut draft head scores, in the order of its logits' columns."""
+    cut = manifest.draft_vocab
+    path = Path(folder) / cut["file"]
+    if not path.is_file():
+        raise MirrorDeployError(f"artifact {folder} lists a draft vocabulary cut in {cut['file']}, which is missing",
+                                "re-run `mirror-deploy cut-vocab` on it, or re-export the artifact")
+    ids = np.load(path, allow_pickle=False)
+    vocab = manifest.draft["vocab_size"]
+    if ids.ndim != 1 or len(ids) != cut["size"] or len(np.unique(ids)) != len(ids) or ids.min() < 0 \
+            or ids.max() >= vocab:
+        raise MirrorDeployError(f"{path} is not {cut['size']} distinct token ids below {vocab}",
+                                "re-run `mirror-deploy cut-vocab` on the artifact, or re-export it")
+    return ids.astype(np.int64)
+
+
+def with_vocab(graph: CompiledGraph, folder: Path, manifest: Manifest, name: str) -> CompiledGraph:
+    """Attach a cut head's id map to the opened draft graph (None: it scores the whole vocabulary)."""
+    graph.vocab_ids = draft_vocab_ids(folder, manifest) if manifest.vocab_cut(name) else None
+    return graph
