@@ -9,6 +9,7 @@ from rich.console import Console
 
 from .decoding.config import GenerationConfig
 from .decoding.engine import Engine
+from .artifact import read_manifest
 from .export.pipeline import ExportOptions, export_artifact
 from .report import TextStream, print_stats
 
@@ -22,7 +23,6 @@ DEMO_EXPORT = ExportOptions(gamma=7, kappa=8, max_context=1536, branch_batch=4, 
 def ensure_artifact(target: Path, draft: Path, out: Path, opts: ExportOptions, console: Console) -> Path:
     """Export once; an artifact already exported from the same sources is reused."""
     if (out / "manifest.json").is_file():
-        from .artifact import read_manifest
         manifest = read_manifest(out)
         if manifest.target["path"] == str(target.resolve()) and manifest.draft["path"] == str(draft.resolve()):
             console.print(f"using the artifact in {out} (delete it to export again)")
@@ -45,7 +45,10 @@ def run_demo(out: Path, prompt: str = DEMO_PROMPT, max_new_tokens: int = 64, tin
     artifact = ensure_artifact(Path(target), Path(draft), out, opts, console)
     if not (artifact / "tuning.json").is_file():   # measure this machine once: it picks ℓe, κ, γ, budget
         from .tuning.tune import TuneOptions, print_tuning, tune_artifact
+        from .tuning.vocab import VocabOptions, cut_vocab, print_choice
         console.rule("[bold]tuning for this machine (once)")
+        if not tiny and read_manifest(artifact).draft_vocab is None:   # the draft head cut to its frequent tokens
+            print_choice(cut_vocab(artifact, VocabOptions(), console=console), console)
         small = TuneOptions(prompts=6, new_tokens=24, measure_prompts=0) if tiny else TuneOptions()
         print_tuning(tune_artifact(artifact, small, console), console)
     engine = Engine(artifact)

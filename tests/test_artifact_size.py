@@ -84,3 +84,16 @@ def test_run_reports_peak_memory(int4_cpu):
     assert "peak resident memory" in result.output
     summary = Engine(folder).generate([5, 6], G(max_new_tokens=3, mode="ar")).summary
     assert 0.05 < summary["peak_rss_gb"] < 64
+
+
+def test_anatomy_reports_bytes_bandwidth_and_window_ratios(int4_cpu):
+    from mirror_deploy.bench.anatomy import anatomy
+    from mirror_deploy.bench.bandwidth import bandwidth_rows, graph_bytes
+    folder, _ = int4_cpu
+    engine = Engine(folder)
+    total, streamed = graph_bytes(folder, engine.manifest, "target_seg0")
+    assert streamed < total            # the token table is looked up, not streamed
+    figures = anatomy(engine, context=40, rounds=1, prefill_tokens=16)
+    rows = {name: ratios for name, *_, ratios in bandwidth_rows(folder, engine.manifest, engine.profile, figures, 4)}
+    assert set(rows) == {*engine.manifest.target_segments(), "target_head", "draft_stateful"}
+    assert set(rows["target_seg1"]) == {2, 4, 5} and set(rows["draft_stateful"]) == {4, 8}

@@ -41,7 +41,7 @@ def whole(pair, tmp_path_factory):
     return export_artifact(*pair, tmp_path_factory.mktemp("whole") / "art", opts, QUIET)
 
 
-def _cut_copy(whole, tmp_path, ids) -> "Path":
+def _cut_copy(whole, tmp_path, ids):
     folder = shutil.copytree(whole, tmp_path / "cut")
     write_cut(folder, np.asarray(ids), VocabChoice(len(ids)))
     return folder
