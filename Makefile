@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test demo bench-engine bench-runtimes bench-draft ortgenai-builder llama-cpp clean
+.PHONY: install test demo bench-engine bench-runtimes bench-draft bench-kernels ortgenai-builder llama-cpp clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ bench-engine: $(STAMP)
 
 bench-runtimes: $(STAMP)
 	$(BIN)/python -m mirror_deploy.bench.runtimes
+
+# The 4-bit kernel routes (ORT MatMulNBits, OpenVINO int4, llama.cpp when built) at 1/2/4/8 rows.
+bench-kernels: $(STAMP)
+	$(BIN)/python -m mirror_deploy.bench.kernels
 
 # The draft call at widths 1/4/8, explicit K/V inputs against the stateful graph (stand-in at 0.5B widths).
 bench-draft: $(STAMP)
