@@ -247,8 +247,10 @@ def tune(
     rounds: int = typer.Option(5, help="Interleaved rounds per timed call (medians)."),
     measure_prompts: int = typer.Option(3, help="Calibration prompts every mode runs on to check the "
                                         "prediction (0: skip)."),
-    profile: Optional[str] = typer.Option(None, help="Tune on this device profile (name or .toml); it becomes "
-                                          "the artifact's profile (default: the artifact's own)."),
+    profile: Optional[list[str]] = typer.Option(None, help="Tune on this device profile (name or .toml); it "
+                                                "becomes the artifact's profile (default: the artifact's own). "
+                                                "Repeat it (e.g. cpu and cpu-sim) to tune each placement and keep "
+                                                "the fastest."),
     draft_vocab: str = typer.Option("auto", help="First cut the draft head to its V most frequent tokens: auto "
                                     "(measured; leaves a small vocabulary whole) | keep | a number (see cut-vocab)."),
 ):
@@ -257,11 +259,18 @@ def tune(
     from .tuning.tune import TuneOptions, print_tuning, tune_artifact
     from .artifact import read_manifest
     before = read_manifest(artifact).profile.get("name")
+    profiles = list(profile or [])
     if draft_vocab != "keep" and read_manifest(artifact).has_draft:
-        _cut_vocab(artifact, draft_vocab, profile, new_tokens, seed, rounds, calibration, tuning=True)
-    opts = TuneOptions(prompts, new_tokens, calibration, chat, seed, rounds, measure_prompts, profile=profile)
-    data = tune_artifact(artifact, opts, err)
+        _cut_vocab(artifact, draft_vocab, profiles[0] if profiles else None, new_tokens, seed, rounds, calibration,
+                   tuning=True)
+    opts = TuneOptions(prompts, new_tokens, calibration, chat, seed, rounds, measure_prompts,
+                       profile=profiles[0] if len(profiles) == 1 else None)
+    data = tune_artifact(artifact, opts, err, placements=profiles if len(profiles) > 1 else None)
     print_tuning(data, Console())
+    if "placement" in data:
+        speeds = data["placement"]["best_mode_tokens_per_s"]
+        err.print("placements (best mode, tok/s " + data["placement"]["by"] + "): " +
+                  ", ".join(f"{name} {tps:.2f}" for name, tps in speeds.items()) + f"; chosen: {data['profile']}")
     err.print(f"[green]wrote[/] {artifact / 'tuning.json'}")
     if data["profile"] != before:
         err.print(f"[yellow]note:[/] the artifact now runs on profile {data['profile']} (was {before}); "

@@ -249,3 +249,28 @@ def test_bench_exits_runs_mirror_configs_beside_sd(tiny_artifacts, tmp_path, cap
     bad = tmp_path / "bad"
     assert exits.main([str(tiny_artifacts["llama"]), "--configs", "99:2", "--out", str(bad)]) == 2
     assert "exit layer 99 was not exported" in capsys.readouterr().err and not bad.exists()
+
+
+def test_tune_over_placements_keeps_the_fastest(tiny_artifacts, tmp_path, monkeypatch):
+    """`tune --profile cpu --profile cpu-sim`: each placement tuned, the fastest kept and recorded, and it
+    becomes the profile a plain run uses."""
+    folder = _copy(tiny_artifacts["llama"], tmp_path, "placed")
+    fake = {"cpu": 10.0, "cpu-sim": 12.0}
+    monkeypatch.setattr(tune, "placement_speed", lambda data: fake[data["profile"]])
+    data = tune.tune_artifact(folder, tune.TuneOptions(seed=3, **FAST), QUIET, placements=["cpu", "cpu-sim"])
+    assert data["placement"]["chosen"] == "cpu-sim" == data["profile"]
+    assert data["placement"]["best_mode_tokens_per_s"] == fake
+    assert json.loads((folder / "tuning.json").read_text())["profile"] == "cpu-sim"
+    assert Engine(folder).profile.name == "cpu-sim"
+    fake.update({"cpu": 13.0})
+    result = CliRunner().invoke(cli.app, ["tune", str(folder), "--profile", "cpu", "--profile", "cpu-sim",
+                                          "--prompts", "6", "--new-tokens", "16", "--rounds", "1",
+                                          "--measure-prompts", "1"])
+    assert result.exit_code == 0, result.output
+    assert "chosen: cpu" in result.output and Engine(folder).profile.name == "cpu"
+
+
+def test_placement_speed_reads_the_measured_best_mode(tuned):
+    _, data = tuned
+    mode = data["choice"]["best_mode"]
+    assert tune.placement_speed(data) == data["check"]["modes"][mode]["tokens_per_s"]

@@ -152,14 +152,46 @@ def _progress(console: Console) -> Progress:
                     console=console, transient=False)
 
 
-def tune_artifact(folder: Path, opts: TuneOptions, console: Console | None = None) -> dict:
+def tune_artifact(folder: Path, opts: TuneOptions, console: Console | None = None,
+                  placements: list[str] | None = None) -> dict:
+    """Tune on the profile `opts.profile` (default: the artifact's), or on each of `placements` (profiles
+    that place the same graphs differently, e.g. cpu and cpu-sim) and keep the fastest: tuning.json
+    records every placement's figures, and the winner becomes the artifact's profile."""
     console = console or Console(stderr=True)
     opts.validate()
-    engine = Engine(folder, opts.profile)   # absent devices are refused here, before any work
-    try:
-        return _tune(engine, Path(folder), opts, console)
-    finally:
+    if not placements:
+        engine = Engine(folder, opts.profile)   # absent devices are refused here, before any work
+        try:
+            data, profile = _tune(engine, Path(folder), opts, console), engine.profile.to_dict()
+        finally:
+            engine.target.close()
+        write_tuning(folder, data, profile)
+        return data
+    engines = [Engine(folder, p, load_draft=False) for p in placements]   # every device checked up front
+    for engine in engines:
         engine.target.close()
+    tuned = {}
+    for name in placements:
+        console.rule(f"placement {name}")
+        engine = Engine(folder, name)
+        try:
+            tuned[engine.profile.name] = (_tune(engine, Path(folder), opts, console), engine.profile.to_dict())
+        finally:
+            engine.target.close()
+    speed = {name: placement_speed(data) for name, (data, _) in tuned.items()}
+    best = max(speed, key=speed.get)
+    data, profile = tuned[best]
+    data["placement"] = {"chosen": best, "best_mode_tokens_per_s": speed,
+                         "by": "measured on the check prompts" if data.get("check") else "predicted"}
+    write_tuning(folder, data, profile)
+    return data
+
+
+def placement_speed(data: dict) -> float:
+    """A placement's tokens/s in its best mode: measured on the check prompts where it ran, else predicted."""
+    mode = data["choice"]["best_mode"]
+    check = (data.get("check") or {}).get("modes") or {}
+    return check[mode]["tokens_per_s"] if mode in check else data["predicted_tokens_per_s"][mode]
 
 
 def _tune(engine: Engine, folder: Path, opts: TuneOptions, console: Console) -> dict:
@@ -187,10 +219,8 @@ def _tune(engine: Engine, folder: Path, opts: TuneOptions, console: Console) -> 
         checked = sequences[:opts.measure_prompts]
         task = progress.add_task("check: every mode on calibration prompts", total=len(checked) * len(MODES))
         measured = measure_modes(engine, checked, mirror, sd_gamma, lambda: progress.advance(task)) if checked else {}
-    data = _record(engine, opts, source, prompts_sha, chat, sequences, curves, overhead, grid, mirror, sd_gamma,
+    return _record(engine, opts, source, prompts_sha, chat, sequences, curves, overhead, grid, mirror, sd_gamma,
                    checked, measured, exit_training_prompts=overlap)
-    write_tuning(folder, data, engine.profile.to_dict())
-    return data
 
 
 def _record(engine, opts, source, prompts_sha, chat, sequences, curves, overhead, grid, mirror, sd_gamma,

@@ -113,10 +113,11 @@ def rank_tokens(engine: Engine, texts: list[list[int]], vocab: int, allowed: np.
     score = np.zeros(vocab)
     for tokens in texts:
         score += np.bincount(tokens, minlength=vocab)
-        logits = _draft_logits(engine, tokens).astype(np.float64)
-        logits -= logits.max(axis=1, keepdims=True)
-        probs = np.exp(logits)
-        score += (probs / probs.sum(axis=1, keepdims=True)).sum(axis=0)
+        logits = _draft_logits(engine, tokens)
+        for at in range(0, len(logits), 64):   # float64 softmax in slices: a real vocabulary is large
+            rows = logits[at:at + 64].astype(np.float64)
+            probs = np.exp(rows - rows.max(axis=1, keepdims=True))
+            score += (probs / probs.sum(axis=1, keepdims=True)).sum(axis=0)
     order = np.lexsort((np.arange(vocab), -score))
     if allowed is not None:
         order = order[np.isin(order, allowed)]
