@@ -182,3 +182,25 @@ def test_fp32_limit_scales_with_the_logits():
     import numpy as np
     assert fp32_limit(np.array([0.5, -2.0]), ATOL) == ATOL               # tiny logits: the floor
     assert fp32_limit(np.array([31.0, -12.0]), ATOL) == pytest.approx(RTOL * 31.0)   # real-model scale
+
+
+def test_a_quantized_exit_is_judged_by_the_lens_top_token_inside_its_top_k(tmp_path):
+    """A flat middle-layer lens: the int4 exit's top-1 often differs from fp32's among near-ties, which is
+    fine (it only ranks branches); a broken exit rarely has the lens's top token anywhere in its top-κ."""
+    import numpy as np
+    from types import SimpleNamespace
+    from mirror_deploy.check_report import CheckReport
+    from mirror_deploy.parity import _exit_row
+    rng = np.random.default_rng(0)
+    lens = rng.standard_normal((40, 1000)).astype(np.float32)
+    order = np.argsort(-lens, axis=-1)[:, :8]
+    m = SimpleNamespace(kappa=8, graphs={}, target_weights="int4")
+
+    def judged(ids):
+        report = CheckReport(tmp_path, None)
+        cat = {"exit_ids": ids, "exit_logprobs": np.take_along_axis(lens, ids, -1)}
+        _exit_row(m, report, 18, cat, lens, 1e-4)
+        return report.rows[0].result
+    near_ties = order[:, [1, 0, 2, 3, 4, 5, 6, 7]]         # every top-1 swapped with the runner-up
+    assert judged(near_ties) == PASS
+    assert judged(rng.integers(0, 1000, (40, 8))) == FAIL   # a broken exit head
