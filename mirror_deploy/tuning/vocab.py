@@ -1,8 +1,8 @@
 """`mirror-deploy cut-vocab DIR` (and `tune --draft-vocab`): choose V, the draft head's vocabulary, by
 measurement, and cut it into the artifact's OpenVINO draft graphs (export/vocab_cut.py; FR-Spec).
 
-1. The ranking: token counts over the calibration text (every shipped prompt, plus the deployed target's
-   greedy continuations of the training prompts), plus the draft's own expected counts there (the sum of
+1. The ranking: token counts over the calibration text (every counted prompt, plus the deployed target's
+   greedy continuations of 12 of them), plus the draft's own expected counts there (the sum of
    its softmax rows, which spreads mass to tokens that fit the same contexts), ties broken by token id
    (BPE ids follow merge order, a frequency order of the tokenizer's own corpus).
 2. Held-out prompts (one per category, never counted): the target's continuation, the share of its
@@ -43,6 +43,7 @@ MIN_SIZE = DRAFT_TOP_M     # the draft graph's own top-m must fit inside V
 class VocabOptions:
     size: str = "auto"          # auto | full | a number of tokens
     heldout: int = 6            # held-out prompts (one per category first)
+    continued: int = 12         # counted prompts the target also continues (the rest count as text)
     new_tokens: int = 32        # target continuation tokens per prompt
     rounds: int = 5             # interleaved timing rounds (medians)
     seed: int = 0
@@ -207,8 +208,14 @@ def choose_vocab(engine: Engine, opts: VocabOptions, console=None) -> tuple[Voca
     heldout = pick(prompts, min(opts.heldout, len(prompts) - 1), opts.seed)
     training = [p for p in prompts if p not in heldout]
     say = console.print if console else (lambda *a: None)
-    say(f"calibration: target continuations of {len(training)} counted and {len(heldout)} held-out prompts")
-    counted = _sequences(engine, training, opts.new_tokens, chat)
+    continued = pick(training, min(opts.continued, len(training)), opts.seed)
+    say(f"calibration: {len(training)} counted prompts ({len(continued)} continued by the target), "
+        f"{len(heldout)} held out")
+    # The target's continuations are the costly part (an fp32 target on one core makes ~5 tokens/s); the
+    # other counted prompts add their text and the draft's expected counts over it.
+    counted = _sequences(engine, continued, opts.new_tokens, chat)
+    texts = [engine.encode(p.prompt, chat) for p in training if p not in continued]
+    counted += [(t, None) for t in texts if 2 <= len(t) < engine.manifest.max_context - 2]
     held = _sequences(engine, heldout, opts.new_tokens, chat)
     if not held:
         raise MirrorDeployError("no held-out calibration prompt fits the artifact's KV capacity",
