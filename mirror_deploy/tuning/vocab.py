@@ -33,6 +33,7 @@ from ..export.shapes import DRAFT_TOP_M
 from ..export.vocab_cut import cut_draft_ir
 from ..runtimes.loader import draft_graph_name, draft_vocab_ids
 from .prompts import pick, read_prompts
+from .store import _no_interrupt, _write_temp
 
 CANDIDATES = (4096, 8192, 16384, 32768, 65536)
 MIN_VOCAB_TO_CUT = 16384   # below this the head is a small share of the draft; `auto` leaves it whole
@@ -150,7 +151,7 @@ def _timed_candidates(engine: Engine, manifest: Manifest, ranking, sizes, opts: 
     from ..decoding.draft import DraftRunner
 
     name = draft_graph_name(manifest, engine.profile)
-    current = draft_vocab_ids(engine.folder, manifest) if manifest.vocab_cut(name) else None
+    current = engine.draft.vocab_ids
     rng = np.random.default_rng(opts.seed)
     context = min(256, manifest.max_context // 2)
     items = target_items(engine, context, (manifest.gamma + 1,), rng)
@@ -199,7 +200,7 @@ def choose_vocab(engine: Engine, opts: VocabOptions, console=None) -> tuple[Voca
                                 "vocabulary cut applies to the OpenVINO drafts (draft_stateful, draft_static)",
                                 "use a profile whose draft runs on OpenVINO (e.g. --profile cpu)")
     vocab = m.draft["vocab_size"]
-    current = draft_vocab_ids(engine.folder, m) if m.vocab_cut(name) else None
+    current = engine.draft.vocab_ids   # the head's ids if it is cut already (runtimes/loader.with_vocab)
     sizes = _sizes(opts, vocab, vocab if current is None else len(current))
     if not sizes:
         return VocabChoice(None), np.arange(vocab)
@@ -274,9 +275,10 @@ def write_cut(folder: Path, ranking: np.ndarray, choice: VocabChoice) -> Manifes
             "candidates": [asdict(c) for c in choice.candidates], "window_ms": choice.window_ms}
         retuned = manifest.tuning is not None
         manifest.tuning = None   # its cost curves were measured with the old head
-        temp = folder / f".{MANIFEST}.tmp-{os.getpid()}"
-        temp.write_text(manifest.to_json())
-        os.replace(temp, folder / MANIFEST)
+        temp = _write_temp(folder / MANIFEST, manifest.to_json())
+        written.append(temp)
+        with _no_interrupt():
+            os.replace(temp, folder / MANIFEST)
     except BaseException:
         for f in written:
             f.unlink(missing_ok=True)
