@@ -150,3 +150,18 @@ def test_a_cost_aware_lookup_window_skips_weak_matches_when_rows_are_dear():
         usual.choose([1, 2, 3, 4], 4)
         usual.observe(0, 4)
     assert usual.choose([1, 2, 3, 4], 4) == 0
+
+
+def test_lookup_beside_a_one_token_model_window_still_verifies_long_copies(tiny_artifacts, monkeypatch):
+    """A tuned SD γ of 1 sizes the model's windows, not lookup's: a long match beside it is verified up to
+    the artifact's widest window (before, every lookup window beside the model was cut to γ)."""
+    import mirror_deploy.decoding.lookup_beside as beside
+    monkeypatch.setattr(beside, "MODEL_PRIOR_ACCEPTANCE", 0.05)
+    engine = Engine(tiny_artifacts["llama"])
+    prompt = REPEATING[1]
+    expected = engine.generate(prompt, G(max_new_tokens=32, mode="ar", stop_at_eos=False)).tokens
+    result = engine.generate(prompt, G(max_new_tokens=32, mode="sd", lookup=True, gamma=1, stop_at_eos=False))
+    assert result.tokens == expected
+    lookup_windows = [s.window for s in result.metrics.steps if s.source == "lookup"]
+    assert max(lookup_windows) > 1, lookup_windows
+    assert all(s.window <= 1 for s in result.metrics.steps if s.source == "draft")

@@ -77,9 +77,14 @@ class Engine:
 
     def _overhead(self, cfg: GenerationConfig, gamma: int, budget: int) -> int:
         """KV positions a run needs beyond prompt + new tokens: the window and the branches' slots."""
-        window = 0 if cfg.mode == "ar" else gamma + 1
+        window = 0 if cfg.mode == "ar" else self._lookup_gamma(cfg, gamma) + 1
         branch_slots = gamma * (budget + 1) if cfg.mode == "mirror" else 0
         return window + branch_slots + 1
+
+    def _lookup_gamma(self, cfg: GenerationConfig, gamma: int) -> int:
+        """The longest window a run may verify: beside the model, lookup's windows may run to the
+        artifact's widest (a tuned γ = 1 for the model's windows would cap long copies at one token)."""
+        return max(gamma, self.manifest.gamma) if cfg.lookup else gamma
 
     def _window_and_budget(self, cfg: GenerationConfig) -> tuple[int, int]:
         gamma = cfg.gamma or self.manifest.gamma
@@ -180,7 +185,8 @@ class Engine:
         else:
             draft = self.draft
             if cfg.lookup:
-                draft = LookupBeside(self.draft, LookupDraft(self._lookup_window(gamma)), gamma)
+                draft = LookupBeside(self.draft, LookupDraft(self._lookup_window(self._lookup_gamma(cfg, gamma))),
+                                     gamma)
             draft.reset()
             tokens, metrics = speculative(self.target, draft, ids, cfg, gamma, budget, self.eos, emit, policy)
         text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else None
