@@ -2,7 +2,7 @@
 
 Each projection's MatMulNBits blocks (codes, scales, and the offsets' MatMul of the K types) are expanded
 back to a dense `[N, K]` and set beside gguf-py's dequantization of the tensors they came from; the
-embedding table is compared the same way. Both sides compute in fp32, so they agree to within fp16's
+embedding table (dense, or gathered from its own blocks) is compared the same way. Both sides compute in fp32, so they agree to within fp16's
 rounding of the largest weight (measured: exactly, or to 1e-7 where the offset is folded).
 """
 from __future__ import annotations
@@ -57,6 +57,23 @@ def _graph_projections(folder: Path, m: Manifest, names: list[str]):
             yield group, np.concatenate([_dense_from_graph(folder, inits, nodes, p) for p in sorted(prefixes)])
         if "embed_tokens.weight" in inits:
             yield "embed_tokens", numpy_helper.to_array(inits["embed_tokens.weight"], str(folder))
+        table = _graph_table(folder, inits)
+        if table is not None:
+            yield "embed_tokens", table
+
+
+def _graph_table(folder: Path, inits: dict) -> np.ndarray | None:
+    """A token table kept in its GGUF blocks (`fused_target._gguf_table`), expanded the way the graph does."""
+    from .export.gguf_weights import GgufBlocks
+    bits = next((b for b in (4, 8) if f"embed_tokens.codes{b}" in inits), None)
+    if bits is None:
+        return None
+    read = lambda name: numpy_helper.to_array(inits[f"embed_tokens.{name}"], str(folder))  # noqa: E731
+    packed, scales = read(f"codes{bits}"), read("scales")
+    codes = packed if bits == 8 else np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(len(packed), -1)
+    center = int(read("center")) if "embed_tokens.center" in inits else 0
+    offsets = read("offsets") if "embed_tokens.offsets" in inits else None
+    return GgufBlocks("graph", bits, codes.shape[1] // scales.shape[1], codes, center, scales, offsets).dequantize()
 
 
 def check_gguf_weights(folder: Path, m: Manifest, intact: set[str], report: CheckReport) -> None:

@@ -155,6 +155,11 @@ def pull(name: str, cache: PathLike = None, progress: bool = True,
                 _convert(gguf, out)
         if keep_gguf:
             os.replace(gguf, out / gguf.name)
+        elif not gguf_path(name, cache).is_file():
+            # The published file stays in the cache (verified above): `export --target-weights gguf` reads its
+            # blocks, and quantized exports keep its token table exactly (gguf_model.published_table).
+            gguf_path(name, cache).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(gguf, gguf_path(name, cache))
         meta = {"name": name, "gguf_sha256": src.sha256, "timings_s": timings}
         (out / _MARKER).write_text(json.dumps(meta, indent=2))
         try:
@@ -188,6 +193,17 @@ def pull_gguf(name: str, cache: PathLike = None, progress: bool = True) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def published_gguf_on_disk(folder: Path) -> Path | None:
+    """The published GGUF behind a folder made by `pull`, if it is on disk (never downloads)."""
+    marker = Path(folder) / _MARKER
+    name = json.loads(marker.read_text()).get("name") if marker.is_file() else None
+    if name not in SOURCES:
+        return None
+    places = (gguf_path(name, Path(folder).parent), gguf_path(name), Path(folder) / f"{name}.gguf")
+    found = [p for p in places if p.is_file()]
+    return found[0] if found else None
 
 
 def published_gguf(folder: Path) -> Path | None:

@@ -74,6 +74,33 @@ def test_graph_multiplies_by_the_mapped_weights(gguf_type):
     onnx.checker.check_model(model)
 
 
+@pytest.mark.parametrize("gguf_type", list(MAPPERS))
+def test_a_token_table_kept_in_its_blocks_gathers_gguf_rows_bit_for_bit(gguf_type):
+    """The graph's gather of codes, scales and offsets gives gguf-py's dequantized rows exactly, so a
+    table stored at its own 4-8 bits changes no output against the fp32 table."""
+    import onnxruntime as ort
+    from gguf import GGMLQuantizationType, quants
+    from onnx import TensorProto, helper
+
+    from mirror_deploy.export.fused_target import _embedding, _Graph
+    from mirror_deploy.export.gguf_model import QuantEmbedding
+    from mirror_deploy.export.gguf_weights import read_blocks
+    rng = np.random.default_rng(3)
+    vocab, width = 40, 512
+    raw = random_blocks(rng, gguf_type, vocab, width, 0.05)
+    g = _Graph()
+    rows = _embedding(g, QuantEmbedding(read_blocks(raw, gguf_type, (vocab, width))), quantized=False)
+    g.nodes.append(helper.make_node("Identity", [rows], ["rows"]))
+    graph = helper.make_graph(g.nodes, "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "s"])],
+                              [helper.make_tensor_value_info("rows", TensorProto.FLOAT, [1, "s", width])], g.weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 24)])
+    model.ir_version = 10
+    ids = rng.permutation(vocab)[None]
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})[0]
+    expected = quants.dequantize(raw, GGMLQuantizationType[gguf_type]).reshape(vocab, width)
+    np.testing.assert_array_equal(got[0], expected[ids[0]])
+
+
 @pytest.fixture(scope="module")
 def gguf_pair(tmp_path_factory):
     """A tiny qwen2 GGUF target in Q4_K_M's types, its dequantized HF model, and a draft near it."""
@@ -104,6 +131,9 @@ def test_gguf_artifact_keeps_the_blocks_and_agrees_with_pytorch(gguf_pair, gguf_
     ops = {n.op_type for g in ("target_seg0", "target_head")
            for n in onnx.load(str(gguf_artifact / m.graphs[g].file), load_external_data=False).graph.node}
     assert "MatMulNBits" in ops and "MatMul" in ops   # MatMul: the offsets of the K types
+    seg0 = onnx.load(str(gguf_artifact / m.graphs["target_seg0"].file), load_external_data=False)
+    tables = {t.name for t in seg0.graph.initializer if t.name.startswith("embed_tokens.")}
+    assert "embed_tokens.codes4" in tables and "embed_tokens.weight" not in tables   # Q4_K kept, no fp32 copy
     ids = np.random.default_rng(2).integers(0, 128, 24)
     got = _driver(gguf_artifact).window(ids, start=0)["logits"]
     with torch.no_grad():
@@ -114,6 +144,37 @@ def test_gguf_artifact_keeps_the_blocks_and_agrees_with_pytorch(gguf_pair, gguf_
     report = check_artifact(gguf_artifact)
     assert report.ok, [r for r in report.rows if r.result == FAIL]
     assert {r.graph for r in report.rows if r.check == "gguf weights"} == set(MIXED_TYPES.values())
+
+
+def test_a_pulled_checkpoint_keeps_its_published_token_table_and_its_outputs(gguf_pair, tmp_path, monkeypatch):
+    """A checkpoint made by `models pull`, with its GGUF on disk: quantized and fp32 exports store the token
+    table as the GGUF's own blocks, and the target computes exactly what it does with the dense table."""
+    import onnx
+
+    from mirror_deploy import models
+    from mirror_deploy.export import pipeline
+    gguf_file, _, model = gguf_pair
+    name = "qwen2.5-coder-1.5b-instruct"
+    folder = tmp_path / name
+    model.save_pretrained(folder)
+    (folder / "source.json").write_text('{"name": "%s"}' % name)
+    models.gguf_path(name, tmp_path).parent.mkdir()
+    models.gguf_path(name, tmp_path).write_bytes(gguf_file.read_bytes())
+
+    def tables(art):
+        m = read_manifest(art)
+        seg0 = onnx.load(str(art / m.graphs["target_seg0"].file), load_external_data=False)
+        return {t.name for t in seg0.graph.initializer if t.name.startswith("embed_tokens.")}
+    for weights in ("int8", "fp32"):
+        art = export_artifact(folder, None, tmp_path / f"art-{weights}", ExportOptions(target_weights=weights, **OPTS),
+                              QUIET)
+        assert "embed_tokens.codes4" in tables(art), weights
+    monkeypatch.setattr(pipeline, "published_table", lambda *a: None)   # the dense table, for reference
+    dense = export_artifact(folder, None, tmp_path / "art-dense", ExportOptions(target_weights="fp32", **OPTS), QUIET)
+    assert "embed_tokens.weight" in tables(dense)
+    ids = np.random.default_rng(7).integers(0, 128, 24)
+    np.testing.assert_array_equal(_driver(tmp_path / "art-fp32").window(ids, start=0)["logits"],
+                                  _driver(dense).window(ids, start=0)["logits"])
 
 
 @pytest.mark.parametrize("weights", ["gguf", "int4", "int8"])

@@ -120,7 +120,10 @@ def test_successful_pull_renames_into_place(monkeypatch, tmp_path):
     path = models.pull(DRAFT, cache=tmp_path, progress=False)
     assert path == tmp_path / DRAFT and (path / "model.safetensors").exists()
     assert json.loads((path / "source.json").read_text())["gguf_sha256"] == fake.sha256
-    assert sorted(p.name for p in tmp_path.iterdir()) == [DRAFT]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gguf", DRAFT]
+    # The verified file stays beside the checkpoint, found without a download.
+    assert models.gguf_path(DRAFT, tmp_path).read_bytes() == FAKE
+    assert models.published_gguf_on_disk(path) == models.gguf_path(DRAFT, tmp_path)
 
 
 def test_tied_weights_round_trip(tmp_path):

@@ -27,7 +27,8 @@ from .shapes import TensorSpec, kv_names
 FUSED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 OPSET = 24   # TensorScatter: the in-place K/V write
 KV_CAPACITY = "capacity"       # axis name of the bound K/V buffers (the artifact's max_context)
-_EXTERNAL_DATA_BYTES = 1 << 30  # protobuf cannot hold 2 GiB; above this the weights go to a side file
+_EXTERNAL_DATA_BYTES = 64 << 20  # above this the weights stream to a side file as written: inline, a graph
+#                                  holds each weight three times at once (array, proto, serialized; protobuf caps 2 GiB)
 _UNSCALED_ROPE = ("dynamic", "longrope")  # cos/sin depend on the sequence length: not a fixed cache
 
 
@@ -345,9 +346,41 @@ def quantize_rows_int8(weight: torch.Tensor, block: int = EMBED_BLOCK, chunk: in
     return data, scales
 
 
-def _embedding(g: _Graph, weight: torch.Tensor, quantized: bool) -> str:
-    """The token lookup: exact fp32 rows, or int8 rows (a quarter of the bytes; one row per token read,
-    so a window and a step still see the same values)."""
+def _gguf_table(g: _Graph, blocks) -> str:
+    """A GGUF token table kept in its blocks: gather each token's codes, scales and offsets, then
+    (q − center) · scale + offset in fp32, the float ops of gguf-py's dequantization in its order, so the
+    rows equal the fp32 table's bit for bit (`check` compares them; tests/test_gguf.py runs the graph)."""
+    n, width = blocks.codes.shape
+    const = lambda name, value: g.weight(f"embed_tokens.{name}", np.asarray(value))  # noqa: E731
+    last = const("last_axis", np.int64([-1]))
+    codes = g.one("Gather", [const(f"codes{blocks.bits}", blocks.packed), "input_ids"], "embed_tokens/GatherCodes")
+    if blocks.bits == 4:   # two codes a byte, low nibble first
+        lo = g.one("BitwiseAnd", [codes, const("low_mask", np.uint8(0x0F))], "embed_tokens/Low")
+        hi = g.one("BitShift", [codes, const("high_shift", np.uint8(4))], "embed_tokens/High", direction="RIGHT")
+        pair = [g.one("Unsqueeze", [x, last], f"embed_tokens/Unsqueeze{i}")
+                for i, x in enumerate((lo, hi))]
+        codes = g.one("Concat", pair, "embed_tokens/Interleave", axis=-1)
+    q = g.one("Cast", [codes], "embed_tokens/Cast", to=TensorProto.FLOAT)
+    q = g.one("Reshape", [q, const("block_shape", np.int64([0, 0, width // blocks.block, blocks.block]))],
+              "embed_tokens/Blocks")
+    if blocks.center:
+        q = g.one("Sub", [q, const("center", np.float32(blocks.center))], "embed_tokens/Center")
+
+    def per_block(name: str, values: np.ndarray) -> str:
+        rows = g.one("Gather", [const(name, values), "input_ids"], f"embed_tokens/Gather_{name}")
+        return g.one("Unsqueeze", [rows, last], f"embed_tokens/Unsqueeze_{name}")
+    w = g.one("Mul", [q, per_block("scales", blocks.scales)], "embed_tokens/Scale")
+    if blocks.offsets is not None:
+        w = g.one("Add", [w, per_block("offsets", blocks.offsets)], "embed_tokens/Offset")
+    return g.one("Reshape", [w, const("row_shape", np.int64([0, 0, width]))], "embed_tokens/Rows")
+
+
+def _embedding(g: _Graph, module, quantized: bool) -> str:
+    """The token lookup: a GGUF table in its own blocks, exact fp32 rows, or int8 rows (a quarter of the
+    bytes; one row per token read, so a window and a step still see the same values)."""
+    if hasattr(module, "blocks"):
+        return _gguf_table(g, module.blocks)
+    weight = module.weight
     if not quantized or weight.shape[1] % EMBED_BLOCK:
         return g.one("Gather", [g.weight("embed_tokens.weight", weight), "input_ids"], "embed_tokens/Gather")
     data, scales = quantize_rows_int8(weight)
@@ -362,15 +395,17 @@ def build_fused_segment(model, arch, shape, layers: range, capacity: int, path: 
     stores the first segment's token table as int8 blocks."""
     inputs, outputs = fused_segment_io(shape, layers)
     params = [p for layer in arch.layers_of(model)[layers.start:layers.stop] for p in layer.parameters()]
-    if layers.start == 0:
-        params.append(arch.decoder_of(model).get_submodule(arch.embed).weight)
+    embed = arch.decoder_of(model).get_submodule(arch.embed) if layers.start == 0 else None
     quantized = [m.mapped.nbytes for layer in arch.layers_of(model)[layers.start:layers.stop]
                  for m in layer.modules() if hasattr(m, "mapped")]
+    if embed is not None and hasattr(embed, "blocks"):
+        quantized.append(embed.blocks.nbytes)
+    elif embed is not None:
+        params.append(embed.weight)
     external = sum(p.numel() for p in params) * 4 + sum(quantized) > _EXTERNAL_DATA_BYTES
     g = _Graph(path.with_name(path.name + ".data") if external else None)
     try:
-        if layers.start == 0:
-            embed = arch.decoder_of(model).get_submodule(arch.embed).weight
+        if embed is not None:
             hidden = _embedding(g, embed, quantized_embedding)
         else:
             hidden = "hidden_states"

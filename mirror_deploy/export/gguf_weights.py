@@ -88,6 +88,52 @@ class MappedWeight:
                             pick(self.offsets))
 
 
+@dataclass
+class GgufBlocks:
+    """A tensor's blocks in gguf-py's own form, w = scale · (q − center) + offset per block, computed in
+    that order so that `dequantize` (and a graph doing the same float ops) equals gguf-py's bit for bit.
+    The token table is gathered in this form; projections go to MatMulNBits through `for_matmul`."""
+    gguf_type: str
+    bits: int                   # 4, or 8 for the 5-, 6- and 8-bit types
+    block: int
+    codes: np.ndarray           # uint8 [N, K], one code per weight
+    center: int
+    scales: np.ndarray          # float32 [N, K // block]
+    offsets: np.ndarray | None  # float32 [N, K // block], or None
+
+    def dequantize(self) -> np.ndarray:
+        n, k = self.codes.shape
+        q = self.codes.reshape(n, k // self.block, self.block).astype(np.float32) - np.float32(self.center)
+        w = q * self.scales[..., None]
+        if self.offsets is not None:
+            w = w + self.offsets[..., None]
+        return w.reshape(n, k)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes as stored: packed codes, scales and offsets."""
+        return self.packed.nbytes + self.scales.nbytes + (0 if self.offsets is None else self.offsets.nbytes)
+
+    @property
+    def packed(self) -> np.ndarray:
+        """uint8 [N, K·bits/8]: 4-bit codes two to a byte, low nibble first."""
+        if self.bits == 8:
+            return self.codes
+        return (self.codes[:, 0::2] | (self.codes[:, 1::2] << 4)).astype(np.uint8)
+
+    def for_matmul(self) -> MappedWeight:
+        """MatMulNBits' form: codes around the kernel's implicit center (8 or 128). A 4-bit type whose
+        center is not 8 (Q4_1, Q4_K) keeps its codes, and the shift moves into the offset."""
+        kernel_center = 1 << (self.bits - 1)
+        codes, offsets = self.codes, self.offsets
+        if self.bits == 4 and self.center != kernel_center:
+            shift = self.scales * np.float32(kernel_center - self.center)
+            offsets = shift if offsets is None else shift + offsets
+        elif self.center != kernel_center:
+            codes = (codes.astype(np.int16) + (kernel_center - self.center)).astype(np.uint8)
+        return MappedWeight.from_codes(self.gguf_type, self.bits, self.block, codes, self.scales, offsets)
+
+
 def _f16(raw: np.ndarray) -> np.ndarray:
     return raw.copy().view(np.float16).astype(np.float32)[..., 0]
 
@@ -107,14 +153,16 @@ def _k_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc.astype(np.float32), mn.astype(np.float32)
 
 
+# Each mapper reads `[blocks, bytes]` into gguf-py's own form, w = scale · (q − center) + offset:
+# (bits of storage, block, codes q, center, scale, offset or None); `GgufBlocks` keeps it.
 def _q4_0(b):
     d, q = _f16(b[:, 0:2]), _nibbles(b[:, 2:18], 16)
-    return 4, 32, q, d[:, None], None
+    return 4, 32, q, 8, d[:, None], None
 
 
 def _q4_1(b):
     d, m, q = _f16(b[:, 0:2]), _f16(b[:, 2:4]), _nibbles(b[:, 4:20], 16)
-    return 4, 32, q, d[:, None], (8 * d + m)[:, None]
+    return 4, 32, q, 0, d[:, None], m[:, None]
 
 
 def _high_bits(qh: np.ndarray) -> np.ndarray:
@@ -123,26 +171,24 @@ def _high_bits(qh: np.ndarray) -> np.ndarray:
 
 def _q5_0(b):
     d, hi, lo = _f16(b[:, 0:2]), _high_bits(b[:, 2:6]), _nibbles(b[:, 6:22], 16)
-    return 8, 32, (lo | (hi << 4)) + 112, d[:, None], None
+    return 8, 32, lo | (hi << 4), 16, d[:, None], None
 
 
 def _q5_1(b):
     d, m = _f16(b[:, 0:2]), _f16(b[:, 2:4])
     hi, lo = _high_bits(b[:, 4:8]), _nibbles(b[:, 8:24], 16)
-    return 8, 32, (lo | (hi << 4)) + 128, d[:, None], m[:, None]
+    return 8, 32, lo | (hi << 4), 0, d[:, None], m[:, None]
 
 
 def _q8_0(b):
     d = _f16(b[:, 0:2])
-    return 8, 32, b[:, 2:34] ^ np.uint8(0x80), d[:, None], None  # int8 + 128, as uint8
+    return 8, 32, b[:, 2:34] ^ np.uint8(0x80), 128, d[:, None], None  # int8 + 128, as uint8
 
 
 def _q4_k(b):
     d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
     sc, mn = _k_scales(b[:, 4:16])
-    q = _nibbles(b[:, 16:144], 32)
-    scale = d[:, None] * sc
-    return 4, 32, q, scale, 8 * scale - dmin[:, None] * mn
+    return 4, 32, _nibbles(b[:, 16:144], 32), 0, d[:, None] * sc, -(dmin[:, None] * mn)
 
 
 def _q5_k(b):
@@ -152,7 +198,7 @@ def _q5_k(b):
     n = b.shape[0]
     # Code j of sub-block s takes bit s of qh[j].
     hi = ((qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1).reshape(n, QK_K)
-    return 8, 32, (lo | (hi << 4)) + 128, d[:, None] * sc, -(dmin[:, None] * mn)
+    return 8, 32, lo | (hi << 4), 0, d[:, None] * sc, -(dmin[:, None] * mn)
 
 
 def _q6_k(b):
@@ -160,11 +206,10 @@ def _q6_k(b):
     n = b.shape[0]
     lo = _nibbles(ql, 64)  # per 128-weight half: low nibbles of its 64 bytes, then their high nibbles
     hi = ((qh.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[None, None, :, None]) & 3).reshape(n, QK_K)
-    q = lo | (hi << 4)
-    return 8, 16, q + 96, d[:, None] * sc.astype(np.float32), None
+    return 8, 16, lo | (hi << 4), 32, d[:, None] * sc.astype(np.float32), None
 
 
-# GGUF type -> (weights a block, bytes a block, mapper of `[blocks, bytes]` to bits, block, codes, scale, offset)
+# GGUF type -> (weights a block, bytes a block, mapper of `[blocks, bytes]` to gguf-py's form)
 MAPPERS = {
     "Q4_0": (32, 18, _q4_0), "Q4_1": (32, 20, _q4_1), "Q5_0": (32, 22, _q5_0), "Q5_1": (32, 24, _q5_1),
     "Q8_0": (32, 34, _q8_0), "Q4_K": (QK_K, 144, _q4_k), "Q5_K": (QK_K, 176, _q5_k), "Q6_K": (QK_K, 210, _q6_k),
@@ -180,7 +225,7 @@ def unsupported(gguf_type: str, name: str) -> MirrorDeployError:
         "checkpoint with --target-weights int4")
 
 
-def map_weight(raw: np.ndarray, gguf_type: str, shape: tuple[int, int], name: str = "?") -> MappedWeight:
+def read_blocks(raw: np.ndarray, gguf_type: str, shape: tuple[int, int], name: str = "?") -> GgufBlocks:
     """`raw`: the tensor's bytes as GGUFReader gives them (uint8, one row of blocks per output);
     `shape`: (N, K)."""
     if gguf_type not in MAPPERS:
@@ -188,8 +233,13 @@ def map_weight(raw: np.ndarray, gguf_type: str, shape: tuple[int, int], name: st
     per_block, nbytes, mapper = MAPPERS[gguf_type]
     n, k = shape
     blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(n * k // per_block, nbytes)
-    bits, block, codes, scales, offsets = mapper(blocks)
+    bits, block, codes, center, scales, offsets = mapper(blocks)
     scales = np.asarray(scales, np.float32).reshape(n, k // block)
     if offsets is not None:
         offsets = np.asarray(offsets, np.float32).reshape(n, k // block)
-    return MappedWeight.from_codes(gguf_type, bits, block, codes.astype(np.uint8).reshape(n, k), scales, offsets)
+    return GgufBlocks(gguf_type, bits, block, codes.astype(np.uint8).reshape(n, k), center, scales, offsets)
+
+
+def map_weight(raw: np.ndarray, gguf_type: str, shape: tuple[int, int], name: str = "?") -> MappedWeight:
+    """A projection's blocks as MatMulNBits takes them (see `read_blocks`)."""
+    return read_blocks(raw, gguf_type, shape, name).for_matmul()

@@ -19,7 +19,7 @@ from ..artifact import GraphEntry, Manifest, sha256_file
 from ..errors import MirrorDeployError
 from ..targets import Profile, load_profile
 from .fused_target import build_fused_head, build_fused_segment, fused_unsupported
-from .gguf_model import gguf_file_of, load_gguf_model
+from .gguf_model import gguf_file_of, load_gguf_model, published_table
 from .graphs import FullModel, StatefulDraft, TargetHead, TargetSegment
 from .loading import SourceModel, open_source
 from .onnx_export import convert_to_fp16, export_graph, graph_files, quantize_matmuls, read_io
@@ -361,6 +361,9 @@ def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: 
                 _same_tokenizer(target_tok, draft.load_tokenizer())
             target_model = (load_gguf_model(target.gguf_weights, target.config) if target.gguf_weights
                             else target.load_model())
+            kept = published_table(target_model, target.arch, target.path) if attention == "fused" else None
+        if kept:
+            console.print(f"token table: {kept}")
         graphs = _export_parts(target_parts(target, target_model, boundaries, opts, attention), stage, step,
                                opts.kappa, openvino=profile.target.backend == "openvino")
         del target_model
