@@ -69,12 +69,8 @@ class MappedWeight:
 
     def dequantize(self) -> np.ndarray:
         """float32 `[N, K]`, computed the way the graph does: scale · (q − center) + offset."""
-        n, k = self.shape
-        q = self.codes.reshape(n, k // self.block, self.block).astype(np.float32) - self.center
-        w = q * self.scales[..., None]
-        if self.offsets is not None:
-            w = w + self.offsets[..., None]
-        return w.reshape(n, k)
+        return GgufBlocks(self.gguf_type, self.bits, self.block, self.codes, self.center, self.scales,
+                          self.offsets).dequantize()
 
     @property
     def nbytes(self) -> int:
