@@ -21,7 +21,7 @@ from .errors import MirrorDeployError
 from .export.architectures import arch_for
 from .export.onnx_export import read_io
 from .export.openvino_ir import ir_io
-from .check_gguf import check_gguf_weights
+from .check_gguf import check_gguf_draft, check_gguf_weights
 from .parity import ATOL, DRAFT_GRAPHS, RTOL, TOP1_MIN, check_parity, fp32_limit, mean_kl, parity_names  # noqa: F401
 from .runtimes.loader import with_vocab, draft_graph_name, open_graph, target_graph_names
 from .runtimes.openvino import core
@@ -64,6 +64,8 @@ def check_artifact(folder, profile: str | None = None, skip_parity: bool = False
     _check_fused_target(folder, manifest, intact, report)
     if manifest.target_weights == "gguf":
         check_gguf_weights(folder, manifest, intact, report)
+    if manifest.draft and manifest.draft.get("gguf_file"):
+        check_gguf_draft(folder, manifest, intact, report)
     if problems:
         return report  # graphs described by a manifest that disagrees with itself are not worth loading
     graphs = _load_graphs(folder, manifest, prof, intact, report)

@@ -111,3 +111,37 @@ def check_gguf_weights(folder: Path, m: Manifest, intact: set[str], report: Chec
                    f"largest difference {worst[kind]:.1e} of the tensor's largest weight", worst[kind],
                    f"≤ {FP16_ROUNDING:.1e} (fp16 rounding)",
                    fix="re-export with --target-weights gguf; if it persists, report the type")
+
+
+def check_gguf_draft(folder: Path, m: Manifest, intact: set[str], report: CheckReport) -> None:
+    """An OpenVINO draft with its GGUF blocks kept (`--draft-weights gguf`): each weight it computes from
+    them against gguf-py's dequantization, per type (types with a minimum fold it into a float zero point)."""
+    from gguf import GGUFReader, quants
+
+    from .export.openvino_gguf import graph_gguf_weights
+    path = Path((m.draft or {}).get("gguf_file", ""))
+    graphs = [g for g in ("draft_stateful", "draft_static") if g in m.graphs]
+    if not path.is_file() or not all(g in intact for g in graphs):
+        why = "a graph file is damaged (see hash)" if path.is_file() else f"the source GGUF {path} is gone"
+        report.skip("gguf weights", "draft", f"not compared: {why}")
+        return
+    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    for graph in graphs:
+        worst: dict[str, float] = {}
+        count: dict[str, int] = {}
+        got = graph_gguf_weights(folder / m.graphs[graph].file)
+        for name, t in tensors.items():
+            if t.tensor_type.name in ("F32", "F16", "BF16") or len(t.shape) != 2:
+                continue
+            want = quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(-1, int(t.shape[0]))
+            part = got.get(name)
+            err = (float(np.abs(part - want).max() / max(np.abs(want).max(), 1e-30))
+                   if part is not None and part.shape == want.shape else np.inf)
+            kind = t.tensor_type.name
+            worst[kind], count[kind] = max(worst.get(kind, 0.0), err), count.get(kind, 0) + 1
+        for kind in sorted(worst):
+            report.add("gguf weights", f"{graph} {kind}", worst[kind] <= FP16_ROUNDING,
+                       f"{count[kind]} {kind} tensors of {path.name}: weights the draft computes from its blocks vs "
+                       f"gguf's dequantization, largest difference {worst[kind]:.1e} of the tensor's largest weight",
+                       worst[kind], f"≤ {FP16_ROUNDING:.1e} (fp16 rounding)",
+                       fix="re-export with --draft-weights gguf; if it persists, report the type")

@@ -64,7 +64,8 @@ def export(
     branch_batch: int = typer.Option(8, help="Most branches the draft decodes per call (static width − 1)."),
     profile: list[str] = typer.Option(["cpu-sim"], help="Device profile name or .toml file; repeat it to serve "
                                       "several (the first is the artifact's own): only the graphs they run are written."),
-    draft_weights: str = typer.Option("fp32", help="Draft weight format for its device: fp32|fp16|int8|int4."),
+    draft_weights: str = typer.Option("fp32", help="Draft weight format for its device: fp32|fp16|int8|int4|gguf (the "
+                                      "draft GGUF's own blocks: give the .gguf, or a pulled model)."),
     target_weights: str = typer.Option("fp32", help="Target weight format: fp32|fp16|int8|int4|gguf. int8/int4 are "
                                        "weight-only: ONNX Runtime MatMulNBits, or NNCF in OpenVINO IR when the "
                                        "profile runs the target on OpenVINO; fp16 is for GPUs; gguf keeps the "

@@ -268,3 +268,50 @@ def test_bad_gguf_requests_are_refused_before_writing(gguf_pair, tmp_path):
         export_artifact(target, None, tmp_path / "c", ExportOptions(target_weights="gguf", exit_head_weights="int4", **OPTS),
                         QUIET)
     assert not any(tmp_path.glob("[abc]*")) and not any(tmp_path.glob(".[abc]*"))
+
+
+def test_a_gguf_draft_keeps_its_blocks_in_openvino(gguf_pair, tmp_path):
+    """`--draft-weights gguf`: every weight of the OpenVINO draft is its GGUF tensor's blocks (u4/u8 codes
+    the CPU plugin multiplies compressed), `check` compares them with gguf-py's dequantization per type,
+    and every mode still equals autoregressive decoding."""
+    import openvino as ov
+    target, _, _ = gguf_pair
+    draft = write_tiny_gguf(tmp_path / "draft.gguf", MIXED_TYPES, seed=3)
+    art = export_artifact(target, draft, tmp_path / "art",
+                          ExportOptions(target_weights="gguf", draft_weights="gguf", also_profiles=("cuda-npu",), **OPTS),
+                          QUIET)
+    m = read_manifest(art)
+    assert m.draft["gguf_file"] == str(draft.resolve())
+    for graph in ("draft_stateful", "draft_static"):
+        model = ov.Core().read_model(str(art / m.graphs[graph].file))
+        dense = [op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "Constant"
+                 and op.get_element_type() == ov.Type.f32 and len(op.get_output_shape(0)) == 2
+                 and min(op.get_output_shape(0)) >= 64]
+        assert not dense, (graph, dense)
+        kinds = {op.get_element_type() for op in model.get_ops() if op.get_type_name() == "Constant"}
+        assert {ov.Type.u4, ov.Type.u8} <= kinds
+    report = check_artifact(art)
+    assert report.ok, [r for r in report.rows if r.result == FAIL]
+    rows = {r.graph for r in report.rows if r.check == "gguf weights" and r.graph.startswith("draft")}
+    assert rows == {f"{g} {t}" for g in ("draft_stateful", "draft_static") for t in set(MIXED_TYPES.values())}
+    engine = Engine(art)
+    for prompt in PROMPTS[:2]:
+        expected = engine.generate(prompt, G(max_new_tokens=12, mode="ar", stop_at_eos=False)).tokens
+        for mode, schedule in SPEC_MODES:
+            got = engine.generate(prompt, G(max_new_tokens=12, mode=mode, schedule=schedule, stop_at_eos=False))
+            assert got.tokens == expected, (prompt, mode, schedule)
+
+
+def test_a_draft_checkpoint_that_is_not_its_gguf_is_refused(gguf_pair, tmp_path):
+    from mirror_deploy import models
+    target, draft_folder, _ = gguf_pair
+    name = "qwen2.5-coder-0.5b-instruct"
+    folder = tmp_path / name
+    import shutil
+    shutil.copytree(draft_folder, folder)
+    (folder / "source.json").write_text('{"name": "%s"}' % name)
+    models.gguf_path(name, tmp_path).parent.mkdir()
+    models.gguf_path(name, tmp_path).write_bytes(target.read_bytes())   # another model's file
+    with pytest.raises(MirrorDeployError, match="not this GGUF's dequantization"):
+        export_artifact(target, folder, tmp_path / "art", ExportOptions(draft_weights="gguf", **OPTS), QUIET)
+    assert not (tmp_path / "art").exists()

@@ -9,12 +9,18 @@ import openvino as ov
 from ..errors import MirrorDeployError
 from ..runtimes.openvino import port_name, reshape_static
 
-WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
+WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4", "gguf")   # gguf: the draft's GGUF blocks, kept (openvino_gguf.py)
 
 
-def compress(model: ov.Model, weights: str, flag: str = "--draft-weights") -> ov.Model:
+def compress(model: ov.Model, weights: str, flag: str = "--draft-weights", gguf: Path | None = None) -> ov.Model:
     if weights in ("fp32", "fp16"):
         return model
+    if weights == "gguf":
+        from .openvino_gguf import keep_gguf_blocks
+        if gguf is None:
+            raise MirrorDeployError(f"{flag} gguf needs the GGUF file the weights come from",
+                                    "give the .gguf file, or a folder `mirror-deploy models pull` made")
+        return keep_gguf_blocks(model, gguf)
     try:
         import nncf
     except ImportError:
@@ -31,11 +37,11 @@ def compress(model: ov.Model, weights: str, flag: str = "--draft-weights") -> ov
 
 
 def convert_draft(onnx_path: Path, xml_path: Path, weights: str,
-                  static_shapes: dict[str, list[int]] | None = None) -> Path:
+                  static_shapes: dict[str, list[int]] | None = None, gguf: Path | None = None) -> Path:
     model = ov.convert_model(str(onnx_path))
     if static_shapes:
         reshape_static(model, static_shapes)
-    model = compress(model, weights)
+    model = compress(model, weights, gguf=gguf)
     ov.save_model(model, str(xml_path), compress_to_fp16=(weights == "fp16"))
     return xml_path
 
@@ -79,9 +85,9 @@ def make_stateful_draft(model: ov.Model) -> ov.Model:
     return model
 
 
-def convert_stateful_draft(onnx_path: Path, xml_path: Path, weights: str) -> Path:
+def convert_stateful_draft(onnx_path: Path, xml_path: Path, weights: str, gguf: Path | None = None) -> Path:
     model = make_stateful_draft(ov.convert_model(str(onnx_path)))
-    model = compress(model, weights)
+    model = compress(model, weights, gguf=gguf)
     ov.save_model(model, str(xml_path), compress_to_fp16=(weights == "fp16"))
     return xml_path
 

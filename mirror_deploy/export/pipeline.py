@@ -192,7 +192,7 @@ def export_stateful_draft(stage: Path, draft: SourceModel, model, weights: str) 
     scratch = Path(tempfile.mkdtemp(prefix="stateful-", dir=stage))
     try:
         onnx_path = export_graph(module, inputs, outputs, draft.shape, scratch / "draft_stateful.onnx")
-        return convert_stateful_draft(onnx_path, stage / "draft_stateful.xml", weights)
+        return convert_stateful_draft(onnx_path, stage / "draft_stateful.xml", weights, draft.gguf_weights)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -312,7 +312,7 @@ def _export_draft(draft: SourceModel, opts: ExportOptions, needed: set[str], sta
     if "draft_static" in needed:
         with step(f"compiling the static (NPU) draft to OpenVINO IR ({opts.draft_weights} weights)"):
             xml = convert_draft(stage / "draft.onnx", stage / "draft_static.xml", opts.draft_weights,
-                                draft_static_shapes(draft, opts))
+                                draft_static_shapes(draft, opts), draft.gguf_weights)
             graphs["draft_static"] = _graph_entry(stage, xml, range(0, nd), "openvino", True, opts.draft_weights)
     if "draft" not in needed and "draft" in graphs:
         for f in graph_files(stage / "draft.onnx"):
@@ -333,6 +333,8 @@ def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: 
     exit_layer, boundaries = validate(target, draft, opts, out)
     if opts.target_weights == "gguf":
         target.gguf_weights = gguf_file_of(target.path, "target")
+    if draft is not None and opts.draft_weights == "gguf":
+        draft.gguf_weights = gguf_file_of(draft.path, "draft")
     attention = target_attention(target, profile, opts)
     if attention == "eager":
         # Fused segments compute a row with the same bits in a verify window as alone (fused_target.py,

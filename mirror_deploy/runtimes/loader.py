@@ -48,7 +48,7 @@ def open_graph(folder: Path, manifest: Manifest, name: str, part: PartProfile, l
         dims = static_draft_dims(manifest.branch_batch, manifest.max_context)
     return OvGraph(path, logical, part.device, threads, part.precision,
                    static_shapes=None, static_dims=dims, cache_dir=compile_cache_dir(), pinning=part.pinning,
-                   int8_activations=logical == "draft" and entry.weights in ("int8", "int4"))
+                   int8_activations=logical == "draft" and entry.weights in ("int8", "int4", "gguf"))
 
 
 def draft_graph_name(manifest: Manifest, profile: Profile) -> str:
