@@ -29,6 +29,7 @@ from .policy import DecayedRate
 
 MODEL_PRIOR_ACCEPTANCE = 0.7   # the real 0.5B draft accepts ~80% of first tokens (tune's replays)
 PROBE_EVERY = 16               # autoregressive steps chosen over the model before it drafts again
+IDLE_BELOW = 0.9               # the model idles when its window is worth less than this share of a plain step
 
 
 class LookupBeside:
@@ -91,8 +92,10 @@ class LookupBeside:
         return self._value(expected, length, 0.0 if free else length * (self.model_token_s or 0.0))
 
     def _model_pays(self, length: int, free: bool) -> bool:
-        """Is the model's window worth more than an autoregressive step (or is a probe due)?"""
-        if free or not length or self._model_value(length) >= self._model_value(0):
+        """Is the model's window worth more than an autoregressive step (or is a probe due)? It idles
+        only when clearly not (IDLE_BELOW): an idle model learns nothing until its next probe, so a
+        near-tie decided by noise cost up to PROBE_EVERY steps of drafting that paid (translation)."""
+        if free or not length or self._model_value(length) >= IDLE_BELOW * self._model_value(0):
             self.idle_steps = 0
             return True
         self.idle_steps += 1
@@ -140,10 +143,10 @@ class LookupBeside:
             self.source = "model"
             if not length:
                 return Window(), False
-            t0 = time.perf_counter()
-            window = self.model._resume(root_pos + accepted + 1, length, cfg, window_id)
-            self._time_model(time.perf_counter() - t0, length)
-            return window, False
+            # Not timed: this call also feeds the tokens committed while the model idled, a cost of the
+            # lookup windows already taken; counted per drafted token it made the model look dearer than
+            # it is, so it idled more (translation, qa: sd+lookup ran as lookup alone).
+            return self.model._resume(root_pos + accepted + 1, length, cfg, window_id), False
         t0 = time.perf_counter()
         window, reused = self.model.advance(accepted, correction, drafts, root_pos, length, cfg, window_id, run)
         if not reused and length:
