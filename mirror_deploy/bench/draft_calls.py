@@ -33,8 +33,8 @@ from ..decoding.draft import DraftRunner
 from ..export.graphs import FullModel
 from ..export.loading import open_source
 from ..export.onnx_export import export_graph
-from ..export.openvino_ir import convert_draft
-from ..export.pipeline import export_stateful_draft
+from ..export.openvino_ir import convert_draft, convert_stateful_draft
+from ..export.pipeline import trace_stateful_draft
 from ..export.shapes import draft_top_m, graph_io
 from ..runtimes.kv import COMMITTED
 from ..runtimes.openvino import OvGraph
@@ -72,7 +72,8 @@ def build_graphs(checkpoint: Path, out: Path, weights: str, console: Console) ->
     convert_draft(onnx_path, explicit, weights)
     for f in out.glob("draft.onnx*"):
         f.unlink()
-    export_stateful_draft(out, source, model, weights)
+    with tempfile.TemporaryDirectory(dir=out) as scratch:
+        convert_stateful_draft(trace_stateful_draft(Path(scratch), source, model), stateful, weights)
     return explicit, stateful
 
 

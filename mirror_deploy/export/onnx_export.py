@@ -40,20 +40,25 @@ def example_inputs(inputs: list[TensorSpec], shape: ModelShape, seq: int = 3, pa
     return tuple(tensors)
 
 
+def trace(module: torch.nn.Module, inputs, outputs, shape: ModelShape, folder: Path) -> Path:
+    """Trace `module` to `folder`/graph.onnx (a large model's tensors scattered beside it, one file each)."""
+    module.eval()
+    raw = Path(folder) / "graph.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, example_inputs(inputs, shape), str(raw), dynamo=False, opset_version=17,
+            do_constant_folding=True, input_names=[s.name for s in inputs], output_names=[s.name for s in outputs],
+            dynamic_axes=dynamic_axes([*inputs, *outputs]),
+        )
+    return raw
+
+
 def export_graph(module: torch.nn.Module, inputs, outputs, shape: ModelShape, path: Path) -> Path:
     """Export into a scratch folder (large models scatter one file per tensor), then write `path`
     as one .onnx file, plus one `.onnx.data` side file when the weights exceed protobuf's limit."""
-    module.eval()
-    args = example_inputs(inputs, shape)
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-        raw = Path(scratch) / "graph.onnx"
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module, args, str(raw), dynamo=False, opset_version=17, do_constant_folding=True,
-                input_names=[s.name for s in inputs], output_names=[s.name for s in outputs],
-                dynamic_axes=dynamic_axes([*inputs, *outputs]),
-            )
+        raw = trace(module, inputs, outputs, shape, Path(scratch))
         scattered = len(list(Path(scratch).iterdir())) > 1
         if not scattered and raw.stat().st_size < _EXTERNAL_DATA_BYTES:
             shutil.move(raw, path)

@@ -22,7 +22,7 @@ from .fused_target import build_fused_head, build_fused_segment, fused_unsupport
 from .gguf_model import gguf_file_of, load_gguf_model, published_table
 from .graphs import FullModel, StatefulDraft, TargetHead, TargetSegment
 from .loading import SourceModel, open_source
-from .onnx_export import convert_to_fp16, export_graph, graph_files, quantize_matmuls, read_io
+from .onnx_export import convert_to_fp16, export_graph, graph_files, quantize_matmuls, read_io, trace
 from .openvino_ir import WEIGHT_FORMATS, convert_draft, convert_stateful_draft, convert_target_graph, ir_io
 from ..axes import static_draft_dims
 from .shapes import draft_top_m, graph_io
@@ -183,18 +183,13 @@ def draft_static_shapes(draft: SourceModel, opts: ExportOptions) -> dict[str, li
     return {s.name: [dims.get(d, d) if isinstance(d, str) else d for d in s.shape] for s in inputs}
 
 
-def export_stateful_draft(stage: Path, draft: SourceModel, model, weights: str) -> Path:
-    """draft_stateful.xml: the draft traced with head-major K/V (past in, past ⊕ new out), converted to
-    OpenVINO with that K/V as model state; its scratch ONNX is deleted."""
+def trace_stateful_draft(scratch: Path, draft: SourceModel, model) -> Path:
+    """The draft traced with head-major K/V (past in, past ⊕ new out), as scattered ONNX in `scratch`:
+    OpenVINO reads it as is (one consolidated copy would be one more copy of the weights in memory)."""
     layers = range(draft.shape.num_layers)
     inputs, outputs = graph_io("draft_stateful", draft.shape, layers)
     module = StatefulDraft(draft.arch, model, 0, layers.stop, draft_top_m(draft.shape))
-    scratch = Path(tempfile.mkdtemp(prefix="stateful-", dir=stage))
-    try:
-        onnx_path = export_graph(module, inputs, outputs, draft.shape, scratch / "draft_stateful.onnx")
-        return convert_stateful_draft(onnx_path, stage / "draft_stateful.xml", weights, draft.gguf_weights)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    return trace(module, inputs, outputs, draft.shape, scratch)
 
 
 @dataclass
@@ -303,12 +298,20 @@ def _export_draft(draft: SourceModel, opts: ExportOptions, needed: set[str], sta
     if needed & {"draft", "draft_static"}:
         graphs.update(_export_parts([("draft", FullModel(draft.arch, draft_model, 0, nd, draft_top_m(draft.shape)),
                                       draft, range(0, nd), "fp32")], stage, step, opts.kappa))
-    if "draft_stateful" in needed:
-        with step(f"compiling the stateful draft to OpenVINO IR ({opts.draft_weights} weights)"):
-            xml = export_stateful_draft(stage, draft, draft_model, opts.draft_weights)
-            graphs["draft_stateful"] = _graph_entry(stage, xml, range(0, nd), "openvino", weights=opts.draft_weights)
-    del draft_model
-    draft.release()
+    scratch = Path(tempfile.mkdtemp(prefix="stateful-", dir=stage))
+    try:
+        if "draft_stateful" in needed:
+            with step("tracing the stateful draft"):
+                traced = trace_stateful_draft(scratch, draft, draft_model)
+        del draft_model   # the PyTorch weights go before OpenVINO loads the traced ones
+        draft.release()
+        if "draft_stateful" in needed:
+            with step(f"compiling the stateful draft to OpenVINO IR ({opts.draft_weights} weights)"):
+                xml = convert_stateful_draft(traced, stage / "draft_stateful.xml", opts.draft_weights,
+                                             draft.gguf_weights)
+                graphs["draft_stateful"] = _graph_entry(stage, xml, range(0, nd), "openvino", weights=opts.draft_weights)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     if "draft_static" in needed:
         with step(f"compiling the static (NPU) draft to OpenVINO IR ({opts.draft_weights} weights)"):
             xml = convert_draft(stage / "draft.onnx", stage / "draft_static.xml", opts.draft_weights,
