@@ -126,8 +126,9 @@ def run(
     mode: Optional[str] = typer.Option(None, help="mirror | sd | ar | lookup (prompt lookup, no draft model; default: the mode `tune` measured "
                                        "fastest on this profile, else mirror)"),
     schedule: str = typer.Option("overlapped", help="mirror: overlapped | serial (ablation)"),
-    lookup: bool = typer.Option(False, "--lookup", help="sd/mirror: prompt-lookup windows beside the draft "
-                                "model's, verified instead where they are worth more (no draft call that step)."),
+    lookup: Optional[bool] = typer.Option(None, "--lookup/--no-lookup", help="sd/mirror: prompt-lookup windows "
+                                          "beside the draft model's, verified instead where they are worth more (no "
+                                          "draft call that step). Default: as `tune` measured it for sd, else off."),
     verify_rule: str = typer.Option("rejection", help="sampling: rejection | match"),
     branch_budget: Optional[int] = typer.Option(None, help="Branches per step (default: artifact's batch)."),
     gamma: Optional[int] = typer.Option(None, help="Window length (default: artifact's γ)."),

@@ -199,7 +199,8 @@ def test_a_tuned_run_with_a_draft_that_never_agrees_goes_autoregressive(tuned_da
     pair = build_tiny_pair(tmp_path, "llama", disagree=True)
     folder = export_artifact(*pair, tmp_path / "art", ExportOptions(kappa=4, gamma=4, max_context=256,
                                                                     branch_batch=4), QUIET)
-    store.write_tuning(folder, tuned_data)      # the same shapes' measured costs
+    # The same shapes' measured costs; lookup beside the draft off, so every window is the model's.
+    store.write_tuning(folder, {**tuned_data, "lookup_beside": {"sd": {"chosen": False}}})
     engine = Engine(folder)
     for result in _each_mode_equals_ar(engine, PROMPTS[:2], 48):
         windows = [s.window for s in result.metrics.steps]

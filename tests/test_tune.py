@@ -127,7 +127,7 @@ def test_tuned_artifact_decodes_every_mode_equal_to_ar(tuned, tmp_path):
         expected = engine.generate(prompt, G(max_new_tokens=20, mode="ar", stop_at_eos=False)).tokens
         for mode, schedule in [("sd", "serial"), ("mirror", "serial"), ("mirror", "overlapped")]:
             for adaptive in (False, True):
-                result = engine.generate(prompt, G(max_new_tokens=20, mode=mode, schedule=schedule,
+                result = engine.generate(prompt, G(max_new_tokens=20, mode=mode, schedule=schedule, lookup=False,
                                                    adaptive_gamma=adaptive, stop_at_eos=False))
                 assert result.tokens == expected, (prompt, mode, schedule, adaptive)
                 tuned_gamma = 2 if mode == "mirror" else tuned[1]["choice"]["sd"]["gamma"]
@@ -274,3 +274,23 @@ def test_placement_speed_reads_the_measured_best_mode(tuned):
     _, data = tuned
     mode = data["choice"]["best_mode"]
     assert tune.placement_speed(data) == data["check"]["modes"][mode]["tokens_per_s"]
+
+
+def test_sd_takes_lookup_beside_the_draft_where_tune_measured_it_faster(tuned, tmp_path):
+    """`tune` records whether SD ran faster with lookup windows beside the draft; where it did, a run that
+    names no lookup setting gets it, an explicit False (and bench's plain `sd` column) does not, and the
+    output is AR's either way."""
+    from mirror_deploy.bench.methods import EngineMethod
+    assert "sd" in tuned[1]["lookup_beside"]
+    folder = _copy(tuned[0], tmp_path, "art")
+    edited = json.loads(json.dumps(tuned[1]))
+    edited["lookup_beside"] = {"sd": {"chosen": True}}
+    store.write_tuning(folder, edited)
+    engine = Engine(folder)
+    prompt = "def f(n):\n    return n\ndef f(n):\n    ret"
+    expected = engine.generate(prompt, G(max_new_tokens=24, mode="ar", stop_at_eos=False)).tokens
+    tuned_run = engine.generate(prompt, G(max_new_tokens=24, mode="sd", stop_at_eos=False))
+    plain = engine.generate(prompt, G(max_new_tokens=24, mode="sd", lookup=False, stop_at_eos=False))
+    assert tuned_run.tokens == plain.tokens == expected
+    assert tuned_run.summary["lookup_windows"] > 0 and plain.summary["lookup_windows"] == 0
+    assert EngineMethod(engine, "sd").generate(engine.encode(prompt), 24).figures["lookup_windows"] == 0

@@ -56,9 +56,12 @@ class EngineMethod:
             overrides["window_policy"] = policy
         if base.endswith(self.BESIDE):
             overrides["lookup"] = True
-        if self.mode is None:   # resolved once, and named in the tables (e.g. best=sd)
+        elif self.mode in ("sd", "mirror"):
+            overrides["lookup"] = False     # a plain column stays plain on an artifact tuned to add lookup
+        if self.mode is None:   # resolved once, and named in the tables (e.g. best=sd, best=sd+lookup)
             self.mode = engine.default_mode()[0]
-            self.name = f"best={self.mode}"
+            tuned_lookup = engine.with_tuned_defaults(GenerationConfig(mode=self.mode)).lookup
+            self.name = f"best={self.mode}{self.BESIDE if tuned_lookup else ''}"
         self.overrides = {k: v for k, v in overrides.items() if v is not None}
 
     def generate(self, prompt_ids, max_new_tokens, temperature=0.0, seed=0) -> MethodRun:

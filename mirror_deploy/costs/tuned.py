@@ -80,5 +80,10 @@ def tuned_defaults(tuning: dict | None, mode: str, profile_name: str) -> dict:
     if mode == "mirror":
         return dict(choice["mirror"])
     if mode == "sd":
-        return {"gamma": choice["sd"]["gamma"]}
+        return {"gamma": choice["sd"]["gamma"], "lookup": lookup_beside_chosen(tuning)}
     return {}
+
+
+def lookup_beside_chosen(tuning: dict) -> bool:
+    """Did `tune` measure SD faster with prompt-lookup windows beside the draft than without?"""
+    return bool((tuning.get("lookup_beside") or {}).get("sd", {}).get("chosen", False))

@@ -29,8 +29,8 @@ class GenerationConfig:
     exit_layer: int | None = None     # mirror: early-exit layer, one the artifact exported (None = its default)
     kappa: int | None = None          # mirror: early-exit top-κ width (None = the artifact's κ, its most)
     learned_exit: bool = True         # mirror: use the artifact's learned exit at ℓe when it has one
-    lookup: bool = False              # sd/mirror: prompt-lookup windows beside the draft model's, where they
-                                      # are worth more (decoding/lookup_beside.py)
+    lookup: bool | None = None        # sd: prompt-lookup windows beside the draft model's, where they are
+                                      # worth more (decoding/lookup_beside.py); None: as `tune` measured it
     stop_at_eos: bool = True
 
     @property

@@ -123,16 +123,21 @@ def mode_configs(mirror: MirrorConfig, sd_gamma: int, new_tokens: int) -> dict[s
     """The chosen settings held fixed (no window policy), as the latency model predicts them."""
     common = dict(max_new_tokens=new_tokens, stop_at_eos=False, adaptive_gamma=False)
     return {"ar": GenerationConfig(mode="ar", **common),
-            "sd": GenerationConfig(mode="sd", gamma=sd_gamma, **common),
-            "mirror": GenerationConfig(mode="mirror", **asdict(mirror), **common)}
+            "sd": GenerationConfig(mode="sd", gamma=sd_gamma, lookup=False, **common),
+            "mirror": GenerationConfig(mode="mirror", **asdict(mirror), lookup=False, **common),
+            BESIDE: GenerationConfig(mode="sd", gamma=sd_gamma, lookup=True, **common)}
+
+
+BESIDE = "sd+lookup"   # measured beside the modes: whether SD's default takes lookup windows beside the draft
 
 
 def measure_modes(engine: Engine, sequences, mirror: MirrorConfig, sd_gamma: int, advance) -> dict:
     """Each mode on each sequence's prompt, the mode order rotated per prompt; summed like tokens_per_s."""
-    totals = {mode: {"tokens": 0, "seconds": 0.0, "equal_to_ar": True, "steps": 0, "reused": 0} for mode in MODES}
+    names = (*MODES, BESIDE)
+    totals = {mode: {"tokens": 0, "seconds": 0.0, "equal_to_ar": True, "steps": 0, "reused": 0} for mode in names}
     for i, s in enumerate(sequences):
         configs = mode_configs(mirror, sd_gamma, s.new)
-        order = MODES[i % 3:] + MODES[:i % 3]
+        order = names[i % len(names):] + names[:i % len(names)]
         for mode in order:
             result = engine.generate(s.tokens[:s.prompt_len], configs[mode])
             t = totals[mode]
@@ -266,13 +271,29 @@ def _record(engine, opts, source, prompts_sha, chat, sequences, curves, overhead
         "overhead_ms_per_step": overhead,
         "curves_ms": curves.data,
         "check": check,
+        "lookup_beside": lookup_choice(measured),
     }
+
+
+def lookup_choice(measured: dict) -> dict:
+    """SD with lookup beside the draft becomes SD's default where it measured faster on the check prompts
+    (and equal to AR there); unmeasured, it stays off."""
+    if BESIDE not in measured:
+        return {"sd": {"chosen": False, "by": "not measured"}}
+    on, off = measured[BESIDE]["tokens_per_s"], measured["sd"]["tokens_per_s"]
+    return {"sd": {"chosen": bool(on > off and measured[BESIDE]["equal_to_ar"]), "tokens_per_s": on,
+                   "without_tokens_per_s": off, "by": "measured on the check prompts"}}
 
 
 def print_tuning(data: dict, console: Console) -> None:
     mirror, sd = data["choice"]["mirror"], data["choice"]["sd"]
     console.print(f"[bold]choice[/] mirror: ℓe={mirror['exit_layer']} κ={mirror['kappa']} γ={mirror['gamma']} "
                   f"budget={mirror['branch_budget']}; sd: γ={sd['gamma']}; best mode: {data['choice']['best_mode']}")
+    beside = (data.get("lookup_beside") or {}).get("sd", {})
+    if "tokens_per_s" in beside:
+        console.print(f"sd with lookup beside the draft: {beside['tokens_per_s']:.2f} tok/s against "
+                      f"{beside['without_tokens_per_s']:.2f} without, so sd runs with lookup "
+                      f"{'on' if beside['chosen'] else 'off'} by default")
     table = Table(title="tokens/s: predicted (latency model) vs measured")
     for col in ("mode", "predicted, calibration set", "predicted, checked prompts", "measured", "measured ÷ predicted",
                 "output = ar"):
