@@ -64,13 +64,13 @@ def _graph_projections(folder: Path, m: Manifest, names: list[str]):
 
 def _graph_table(folder: Path, inits: dict) -> np.ndarray | None:
     """A token table kept in its GGUF blocks (`fused_target._gguf_table`), expanded the way the graph does."""
-    from .export.gguf_weights import GgufBlocks
+    from .export.gguf_weights import GgufBlocks, unpack
     bits = next((b for b in (4, 8) if f"embed_tokens.codes{b}" in inits), None)
     if bits is None:
         return None
     read = lambda name: numpy_helper.to_array(inits[f"embed_tokens.{name}"], str(folder))  # noqa: E731
     packed, scales = read(f"codes{bits}"), read("scales")
-    codes = packed if bits == 8 else np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(len(packed), -1)
+    codes = unpack(packed, bits)
     center = int(read("center")) if "embed_tokens.center" in inits else 0
     offsets = read("offsets") if "embed_tokens.offsets" in inits else None
     return GgufBlocks("graph", bits, codes.shape[1] // scales.shape[1], codes, center, scales, offsets).dequantize()
@@ -118,6 +118,7 @@ def check_gguf_draft(folder: Path, m: Manifest, intact: set[str], report: CheckR
     them against gguf-py's dequantization, per type (types with a minimum fold it into a float zero point)."""
     from gguf import GGUFReader, quants
 
+    from .export.gguf_weights import DENSE
     from .export.openvino_gguf import graph_gguf_weights
     path = Path((m.draft or {}).get("gguf_file", ""))
     graphs = [g for g in ("draft_stateful", "draft_static") if g in m.graphs]
@@ -131,7 +132,7 @@ def check_gguf_draft(folder: Path, m: Manifest, intact: set[str], report: CheckR
         count: dict[str, int] = {}
         got = graph_gguf_weights(folder / m.graphs[graph].file)
         for name, t in tensors.items():
-            if t.tensor_type.name in ("F32", "F16", "BF16") or len(t.shape) != 2:
+            if t.tensor_type.name in DENSE or len(t.shape) != 2:
                 continue
             want = quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(-1, int(t.shape[0]))
             part = got.get(name)

@@ -36,7 +36,7 @@ class QuantLinear(nn.Module):
 
 
 class QuantEmbedding(nn.Module):
-    """The token table in its GGUF blocks (a 1.5B's Q4_K table: 175 MB against 934 MB at fp32), written
+    """The token table in its GGUF blocks (a 1.5B's Q4_K table: 167 MiB against 890 MiB at fp32), written
     to the graph as a gather of codes, scales and offsets that dequantizes exactly as gguf-py does."""
 
     def __init__(self, blocks: GgufBlocks):
@@ -61,7 +61,8 @@ def published_table(model, arch, folder: Path) -> str | None:
     if path is None:
         return None
     table = next((t for t in GGUFReader(path).tensors if t.name == "token_embd.weight"), None)
-    embed = arch.decoder_of(model).get_submodule(arch.embed)
+    decoder = arch.decoder_of(model)
+    embed = decoder.get_submodule(arch.embed)
     if table is None or table.tensor_type.name not in MAPPERS or not hasattr(embed, "weight"):
         return None
     n, k = (int(d) for d in reversed(table.shape))
@@ -70,7 +71,6 @@ def published_table(model, arch, folder: Path) -> str | None:
     blocks = read_blocks(_read(path, table), table.tensor_type.name, (n, k), table.name)
     if not torch.equal(torch.from_numpy(blocks.dequantize()), embed.weight.detach().to(torch.float32)):
         return None
-    decoder = arch.decoder_of(model)
     setattr(decoder, arch.embed, QuantEmbedding(blocks))
     return f"{table.tensor_type.name} blocks of {path.name} ({blocks.nbytes / 2**20:.0f} MB, equal to the checkpoint's table)"
 

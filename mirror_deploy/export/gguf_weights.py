@@ -63,9 +63,7 @@ class MappedWeight:
     def codes(self) -> np.ndarray:
         """uint8 [N, K], one code per weight."""
         n, k = self.shape
-        if self.bits == 8:
-            return self.packed.reshape(n, k)
-        return np.stack([self.packed & 0x0F, self.packed >> 4], axis=-1).reshape(n, k)
+        return unpack(self.packed, self.bits).reshape(n, k)
 
     def dequantize(self) -> np.ndarray:
         """float32 `[N, K]`, computed the way the graph does: scale · (q − center) + offset."""
@@ -82,6 +80,13 @@ class MappedWeight:
         pick = lambda a: None if a is None else np.ascontiguousarray(a[order])  # noqa: E731
         return MappedWeight(self.gguf_type, self.bits, self.block, pick(self.packed), pick(self.scales),
                             pick(self.offsets))
+
+
+def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    """One code per weight from codes packed along the last axis (4 bits: two a byte, low nibble first)."""
+    if bits == 8:
+        return packed
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
 
 
 @dataclass
