@@ -52,6 +52,10 @@ class Manifest:
     # The draft's head cut to its V most frequent tokens (export/vocab_cut.py, tuning/vocab.py):
     # {"file": ids .npy (hashed in each cut graph's sha256), "size": V, "graphs": [cut graph names], ...}
     draft_vocab: dict | None = None
+    # Speculative streams learned for the draft (tuning/streams.py, `learn-streams`): {"streams": S,
+    # "file": block weights .npz (hashed in each streams graph's sha256), "graphs": {draft graph: its
+    # "<name>_streams" variant}, "acceptance": held-out acceptance per window position, ...}
+    draft_streams: dict | None = None
     schema_version: int = SCHEMA_VERSION
     created_by: str = field(default="mirror-deploy")
 
@@ -71,6 +75,13 @@ class Manifest:
     def vocab_cut(self, graph: str) -> bool:
         """Does `graph`'s head score only the draft_vocab ids?"""
         return self.draft_vocab is not None and graph in self.draft_vocab.get("graphs", ())
+
+    def stream_count(self, graph: str) -> int:
+        """S of a draft graph with speculative streams (its stream_logits are [1, rows, S, V]); 0: none."""
+        for spec in self.graphs[graph].outputs:
+            if spec["name"] == "stream_logits":
+                return int(spec["shape"][2])
+        return 0
 
     def target_segments(self) -> list[str]:
         """Graph names of the target's layer segments, first layer first."""

@@ -22,6 +22,7 @@ from .export.architectures import arch_for
 from .export.onnx_export import read_io
 from .export.openvino_ir import ir_io
 from .check_gguf import check_gguf_draft, check_gguf_weights
+from .check_streams import check_streams
 from .parity import ATOL, DRAFT_GRAPHS, RTOL, TOP1_MIN, check_parity, fp32_limit, mean_kl, parity_names  # noqa: F401
 from .runtimes.loader import with_vocab, draft_graph_name, open_graph, target_graph_names
 from .runtimes.openvino import core
@@ -69,6 +70,7 @@ def check_artifact(folder, profile: str | None = None, skip_parity: bool = False
     if problems:
         return report  # graphs described by a manifest that disagrees with itself are not worth loading
     graphs = _load_graphs(folder, manifest, prof, intact, report)
+    check_streams(folder, manifest, prof, intact, report, parity=not skip_parity, seed=seed)
     if skip_parity:
         for name in parity_names(manifest):
             report.skip("parity", name, "--skip-parity given")

@@ -129,6 +129,9 @@ def run(
     lookup: Optional[bool] = typer.Option(None, "--lookup/--no-lookup", help="sd/mirror: prompt-lookup windows "
                                           "beside the draft model's, verified instead where they are worth more (no "
                                           "draft call that step). Default: as `tune` measured it for sd, else off."),
+    streams: Optional[bool] = typer.Option(None, "--streams/--no-streams", help="sd/mirror: the draft's speculative "
+                                           "streams (`learn-streams`), one draft call proposing 1 + S tokens. "
+                                           "Default: as `tune` measured it for sd, else off."),
     verify_rule: str = typer.Option("rejection", help="sampling: rejection | match"),
     branch_budget: Optional[int] = typer.Option(None, help="Branches per step (default: artifact's batch)."),
     gamma: Optional[int] = typer.Option(None, help="Window length (default: artifact's γ)."),
@@ -150,7 +153,7 @@ def run(
 
     cfg = GenerationConfig(max_new_tokens, temperature, top_k, top_p, seed, mode, schedule, verify_rule,
                            branch_budget, gamma, exit_layer=exit_layer, kappa=kappa,
-                           adaptive_gamma=adaptive_gamma, lookup=lookup).validate()
+                           adaptive_gamma=adaptive_gamma, lookup=lookup, streams=streams).validate()
     run_prompt(artifact, profile, read_prompt(prompt, prompt_file), cfg, chat, json_out, stats, trace)
 
 
@@ -233,6 +236,36 @@ def learn_exit(
     exported exit layer on calibration text, and add it to the artifact where it beats the logit lens."""
     from .tuning.attach import learn_exit as learn
     learn(artifact, from_dir, prompts, new_tokens, epochs, seed, err)
+
+
+@app.command("learn-streams")
+@friendly
+def learn_streams(
+    artifact: Path = typer.Argument(..., help="Artifact folder."),
+    streams: int = typer.Option(1, help="Tokens a draft call proposes beyond its own (S; a call yields 1 + S)."),
+    code_tokens: int = typer.Option(30000, help="Tokens of the Python standard library's source added to the "
+                                    "training text (0: the calibration continuations alone)."),
+    prompts: Optional[Path] = typer.Option(None, help="Calibration prompts (.jsonl; default: the shipped set)."),
+    new_tokens: int = typer.Option(160, help="Target continuation tokens per calibration prompt."),
+    epochs: int = typer.Option(3),
+    seed: int = typer.Option(0),
+):
+    """Train speculative streams for the draft (one call proposes 1 + S tokens) and compile them into its
+    OpenVINO graphs as `<graph>_streams`; prints the held-out acceptance per window position."""
+    from .tuning.learn_streams import learn_streams as learn
+    from .tuning.streams import StreamConfig
+    if streams < 1 or epochs < 1 or code_tokens < 0:
+        raise MirrorDeployError(f"--streams {streams}, --epochs {epochs}, --code-tokens {code_tokens}",
+                                "use at least 1 stream and 1 epoch, and 0 or more code tokens")
+    summary = learn(artifact, StreamConfig(streams=streams, epochs=epochs, seed=seed), prompts, new_tokens,
+                    code_tokens, err)
+    rates = ", ".join(f"{a:.2f}" for a in summary["acceptance"])
+    ratio = summary["call_ratio"]
+    err.print(f"[green]added[/] {streams} stream(s) to {', '.join(summary['graphs'])} in {summary['seconds']:.0f} s: "
+              f"held-out acceptance per window position {rates} (the draft's own second call: "
+              f"{summary['draft_second']:.2f}); a streamed call costs "
+              + (f"{ratio:.2f}× a plain one" if ratio else "(not timed here)")
+              + ". Runs use them with --streams; `mirror-deploy tune` measures whether they pay.", highlight=False)
 
 
 @app.command()

@@ -20,6 +20,8 @@ FIGURES = [  # key, label, unit, format
     ("mean_accepted_tokens", "mean accepted tokens", "tok/target fwd", "{:.2f}"),
     ("acceptance_histogram", "accepted-length histogram", "steps with A=0..γ", "{}"),
     ("mean_window", "mean window", "draft tokens/step", "{:.2f}"),
+    ("draft_tokens_per_call", "draft tokens per draft call", "tok/call", "{:.2f}"),
+    ("acceptance_by_stream", "acceptance: draft's own / each stream", "", "{}"),
     ("autoregressive_steps", "autoregressive steps (policy)", "steps", "{}"),
     ("accepted_from_draft", "accepted from the draft model", "tokens", "{}"),
     ("accepted_from_lookup", "accepted from prompt lookup", "tokens", "{}"),

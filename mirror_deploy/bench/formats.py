@@ -44,9 +44,9 @@ def main(argv=None) -> None:
     modes = ["ar", *[m for m in args.modes.split(",") if m and m != "ar"]]
     configs = {}
     for mode in modes:
-        kind, schedule = EngineMethod.MODES[mode]
+        kind, schedule = EngineMethod.MODES[EngineMethod.parse(mode)[0]]
         configs[mode] = GenerationConfig(max_new_tokens=args.max_new_tokens, mode=kind, schedule=schedule,
-                                         stop_at_eos=False, lookup=mode.endswith(EngineMethod.BESIDE))
+                                         stop_at_eos=False, **EngineMethod.config_fields(mode))
     runs = [(name, mode) for name in engines for mode in modes]
     speed = {run: [] for run in runs}
     outputs: dict[tuple[str, str, int], list[int]] = {}

@@ -37,31 +37,46 @@ class EngineMethod:
 
     MODES = {"ar": ("ar", "serial"), "sd": ("sd", "serial"),
              "mirror-serial": ("mirror", "serial"), "mirror": ("mirror", "overlapped"), "lookup": ("lookup", "serial"),
-             "sd+lookup": ("sd", "serial"), "mirror+lookup": ("mirror", "overlapped"), "best": (None, "overlapped")}
-    BESIDE = "+lookup"   # sd/mirror with prompt-lookup windows beside the draft model
-
+             "best": (None, "overlapped")}
+    # sd/mirror/mirror-serial take extras after "+": lookup (prompt-lookup windows beside the draft model),
+    # streams (the draft's speculative streams); e.g. sd+streams+lookup. A column without one runs without it.
+    EXTRAS = ("streams", "lookup")
     POLICY_SEPARATOR = ":"   # `sd:heuristic` runs sd with that window policy (decoding/policy.py)
 
     @classmethod
+    def parse(cls, name: str) -> tuple[str, set[str], str]:
+        """(base mode name, extras, window policy) of a column name."""
+        base, _, policy = name.partition(cls.POLICY_SEPARATOR)
+        mode, *extras = base.split("+")
+        return mode, set(extras), policy
+
+    @classmethod
     def known(cls, name: str) -> bool:
-        mode, _, policy = name.partition(cls.POLICY_SEPARATOR)
-        return mode in cls.MODES and (not policy or policy in WINDOW_POLICIES)
+        mode, extras, policy = cls.parse(name)
+        return (mode in cls.MODES and extras <= set(cls.EXTRAS) and (not extras or "mirror" in mode or mode == "sd")
+                and (not policy or policy in WINDOW_POLICIES))
+
+    @classmethod
+    def config_fields(cls, name: str) -> dict:
+        """The extras as GenerationConfig fields: named ones on, the others off (a plain column stays plain
+        on an artifact tuned to take them)."""
+        mode, extras, _ = cls.parse(name)
+        if cls.MODES[mode][0] not in ("sd", "mirror"):
+            return {}
+        return {extra: extra in extras for extra in cls.EXTRAS}
 
     def __init__(self, engine, name: str, **overrides):
         """`overrides`: GenerationConfig fields to pin (branch_budget, gamma, exit_layer, kappa); None = default."""
         self.engine, self.name = engine, name
-        base, _, policy = name.partition(self.POLICY_SEPARATOR)
+        base, _, policy = self.parse(name)
         self.mode, self.schedule = self.MODES[base]
         if policy:
             overrides["window_policy"] = policy
-        if base.endswith(self.BESIDE):
-            overrides["lookup"] = True
-        elif self.mode in ("sd", "mirror"):
-            overrides["lookup"] = False     # a plain column stays plain on an artifact tuned to add lookup
+        overrides.update(self.config_fields(name))
         if self.mode is None:   # resolved once, and named in the tables (e.g. best=sd, best=sd+lookup)
             self.mode = engine.default_mode()[0]
-            tuned_lookup = engine.with_tuned_defaults(GenerationConfig(mode=self.mode)).lookup
-            self.name = f"best={self.mode}{self.BESIDE if tuned_lookup else ''}"
+            tuned = engine.with_tuned_defaults(GenerationConfig(mode=self.mode))
+            self.name = "best=" + "+".join([self.mode, *(e for e in self.EXTRAS if getattr(tuned, e, None))])
         self.overrides = {k: v for k, v in overrides.items() if v is not None}
 
     def generate(self, prompt_ids, max_new_tokens, temperature=0.0, seed=0) -> MethodRun:

@@ -98,6 +98,9 @@ def summarise(records: list[dict]) -> dict:
                        "mean_accepted_tokens": fig("mean_accepted_tokens"), "reuse_rate": fig("reuse_rate"),
                        "fallback_frequency": fig("fallback_frequency"), "t_exposed_ms": fig("t_exposed_ms"),
                        "exit_hit_rate": fig("exit_hit_rate"), "acceptance": fig("acceptance"),
+                       "draft_tokens_per_call": fig("draft_tokens_per_call"),
+                       "acceptance_by_stream": _median_each([r["figures"].get("acceptance_by_stream")
+                                                             for g in groups for r in g]),
                        "equal_to_ar": f"{sum(same)}/{len(same)}" if reference else "–"}
         base = rows.get(REFERENCE, {}).get("tokens_per_s")
         for row in rows.values():
@@ -107,14 +110,26 @@ def summarise(records: list[dict]) -> dict:
     return {"tasks": {t: block(lambda x, t=t: x == t) for t in tasks}, "overall": block(lambda x: True)}
 
 
+def _median_each(lists: list) -> list[float] | None:
+    """Position-wise medians of equal-purpose lists (acceptance per stream position), Nones skipped."""
+    lists = [x for x in lists if x]
+    if not lists:
+        return None
+    width = max(map(len, lists))
+    return [_median([x[i] for x in lists if i < len(x)]) for i in range(width)]
+
+
 def _fmt(value, pattern):
+    if isinstance(value, list):
+        return "/".join("–" if v is None else pattern.format(v) for v in value)
     return "–" if value is None else pattern.format(value)
 
 
 COLUMNS = [("tokens_per_s", "tok/s", "{:.2f}"), ("speedup_vs_ar", "× ar", "{:.2f}"),
            ("mean_accepted_tokens", "accepted/fwd", "{:.2f}"), ("reuse_rate", "reuse", "{:.0%}"),
            ("fallback_frequency", "fallback", "{:.0%}"), ("t_exposed_ms", "exposed ms", "{:.0f}"),
-           ("equal_to_ar", "= ar", "{}")]
+           ("draft_tokens_per_call", "draft tok/call", "{:.2f}"),
+           ("acceptance_by_stream", "acc. own/streams", "{:.0%}"), ("equal_to_ar", "= ar", "{}")]
 
 
 def markdown(summary: dict) -> str:

@@ -42,12 +42,14 @@ def our_methods(engine: Engine, req: BenchRequest) -> list[EngineMethod]:
     unknown = [m for m in names if not EngineMethod.known(m)]
     if unknown:
         raise MirrorDeployError(f"unknown mode(s): {', '.join(unknown)}",
-                                f"use: {', '.join(EngineMethod.MODES)}, optionally with a window policy "
-                                "(e.g. sd:heuristic)")
+                                f"use: {', '.join(EngineMethod.MODES)}; sd and mirror take +lookup and +streams "
+                                "(e.g. sd+streams), and any a window policy (e.g. sd:heuristic)")
     methods = [EngineMethod(engine, m, branch_budget=req.branch_budget, gamma=req.gamma, exit_layer=req.exit_layer,
                             adaptive_gamma=req.adaptive_gamma) for m in names]
     for method in methods:   # sd / mirror on a target-only artifact: refused before any prompt runs
         engine.require_draft(method.mode)
+        if method.overrides.get("streams"):
+            engine.stream_draft()   # an artifact without streams is refused here, not after other columns ran
     return methods
 
 

@@ -78,10 +78,17 @@ def tuned_defaults(tuning: dict | None, mode: str, profile_name: str) -> dict:
         return {}
     choice = tuning["choice"]
     if mode == "mirror":
-        return dict(choice["mirror"])
+        return {**choice["mirror"], "streams": False}   # tune measures streams for sd only
     if mode == "sd":
-        return {"gamma": choice["sd"]["gamma"], "lookup": lookup_beside_chosen(tuning)}
+        if streams_chosen(tuning, "sd"):   # the window tune measured the streams at
+            return {"gamma": tuning["streams"]["sd"]["gamma"], "lookup": lookup_beside_chosen(tuning), "streams": True}
+        return {"gamma": choice["sd"]["gamma"], "lookup": lookup_beside_chosen(tuning), "streams": False}
     return {}
+
+
+def streams_chosen(tuning: dict, mode: str) -> bool:
+    """Did `tune` measure `mode` faster with the draft's speculative streams than without?"""
+    return bool((tuning.get("streams") or {}).get(mode, {}).get("chosen", False))
 
 
 def lookup_beside_chosen(tuning: dict) -> bool:

@@ -31,6 +31,8 @@ class GenerationConfig:
     learned_exit: bool = True         # mirror: use the artifact's learned exit at ℓe when it has one
     lookup: bool | None = None        # sd: prompt-lookup windows beside the draft model's, where they are
                                       # worth more (decoding/lookup_beside.py); None: as `tune` measured it
+    streams: bool | None = None       # sd/mirror: the draft with speculative streams (`learn-streams`), one call
+                                      # proposing 1 + S tokens; None: as `tune` measured it (off untuned)
     stop_at_eos: bool = True
 
     @property
@@ -54,6 +56,8 @@ class GenerationConfig:
             (self.kappa is None or self.kappa >= 1, "kappa must be >= 1", "use e.g. 8"),
             (not (self.lookup and self.mode in ("ar", "lookup")), f"lookup beside the draft applies to sd and "
              f"mirror, not mode {self.mode}", "use mode lookup for prompt lookup alone, or drop --lookup (lookup=True)"),
+            (not (self.streams and self.mode in ("ar", "lookup")), f"speculative streams are the draft model's, for "
+             f"sd and mirror, not mode {self.mode}", "use mode sd or mirror, or drop --streams (streams=True)"),
         ]
         for ok, problem, fix in checks:
             if not ok:

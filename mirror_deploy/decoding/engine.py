@@ -57,6 +57,7 @@ class Engine:
                                    pipeline_prefill=pipeline)
         self.draft = DraftRunner(open_draft(self.folder, self.manifest, self.profile), self.manifest) \
             if load_draft and self.manifest.has_draft else None
+        self._stream_draft: DraftRunner | None = None    # opened on the first request that asks for streams
         self.tokenizer = self._load_tokenizer()
         self.tuning = read_tuning(self.folder, self.manifest)   # `mirror-deploy tune`'s choice, if any
         self.eos = set(self.manifest.target.get("eos_token_ids") or [])
@@ -138,7 +139,8 @@ class Engine:
                 or not tuned_for(self.tuning, self.profile.name)):
             return HeuristicWindow(gamma, budget, cfg.adaptive_gamma)
         exit_layer, kappa = cfg.exit_layer or self.manifest.exit_layer, cfg.kappa or self.manifest.kappa
-        costs = TunedCosts.from_tuning(self.tuning, exit_layer, kappa, gamma, budget)
+        streams = self.manifest.draft_streams if cfg.streams else None
+        costs = TunedCosts.from_tuning(self.tuning, exit_layer, kappa, gamma, budget, streams)
         return CostAwareWindow(cfg.mode, costs, gamma, budget, gamma, exit_layer, kappa)
 
     def _lookup_window(self, gamma: int) -> LookupWindow:
@@ -156,6 +158,15 @@ class Engine:
                                     "with `mirror-deploy export TARGET --draft DRAFT`")
         raise MirrorDeployError(f"mode {mode} needs the draft, and this engine was opened without it",
                                 "open it with load_draft=True, or use mode ar or lookup")
+
+    def stream_draft(self) -> DraftRunner:
+        """The draft graph with speculative streams (`learn-streams`), compiled on first use: requests
+        without streams never pay for it."""
+        if self._stream_draft is None:
+            self.require_draft("sd")
+            self._stream_draft = DraftRunner(open_draft(self.folder, self.manifest, self.profile, streams=True),
+                                             self.manifest)
+        return self._stream_draft
 
     def generate(self, prompt: str | list[int], config: GenerationConfig | None = None, chat: bool = False,
                  on_tokens: Callable[[list[int]], bool | None] | None = None) -> GenerationResult:
@@ -176,6 +187,7 @@ class Engine:
         self.target.configure(cfg.exit_layer or self.manifest.exit_layer, cfg.kappa or self.manifest.kappa,
                               cfg.learned_exit)
         emit = on_tokens or (lambda new: None)
+        extra = {}
         self.target.reset()
         if cfg.mode == "ar":
             tokens, metrics = autoregressive(self.target, ids, cfg, self.eos, emit)
@@ -183,14 +195,17 @@ class Engine:
             lookup = LookupDraft(policy if isinstance(policy, LookupWindow) else None)
             tokens, metrics = speculative(self.target, lookup, ids, cfg, gamma, 0, self.eos, emit, policy)
         else:
-            draft = self.draft
+            model = draft = self.stream_draft() if cfg.streams else self.draft
+            model.reset()
             if cfg.lookup:
-                draft = LookupBeside(self.draft, LookupDraft(self._lookup_window(self._lookup_gamma(cfg, gamma))),
+                draft = LookupBeside(draft, LookupDraft(self._lookup_window(self._lookup_gamma(cfg, gamma))),
                                      gamma)
             draft.reset()
             tokens, metrics = speculative(self.target, draft, ids, cfg, gamma, budget, self.eos, emit, policy)
+            extra = {"draft_calls": model.calls,
+                     "draft_tokens_per_call": model.proposed / model.calls if model.calls else None}
         text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else None
-        return GenerationResult(tokens, text, metrics, {**metrics.summary(), "mode_source": mode_source})
+        return GenerationResult(tokens, text, metrics, {**metrics.summary(), **extra, "mode_source": mode_source})
 
 
 def encode_chat(tokenizer, messages: list[dict]) -> list[int]:

@@ -78,6 +78,16 @@ def _verify(window, logits: np.ndarray, cfg: GenerationConfig, step: int) -> tup
     return verify_rejection(window.tokens, p, window.probs, rng)
 
 
+def stream_counts(kinds: list[int], accepted: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per kind of window token (0: a row's own, j: stream j): checked (up to the first rejection) and accepted."""
+    width = max(kinds) + 1
+    checked, taken = [0] * width, [0] * width
+    for i, kind in enumerate(kinds[:accepted + 1]):
+        checked[kind] += 1
+        taken[kind] += i < accepted
+    return tuple(checked), tuple(taken)
+
+
 def speculative(target: TargetRunner, draft: DraftRunner, prompt: list[int], cfg: GenerationConfig,
                 gamma: int, budget: int, eos: set[int], emit: Emit, policy=None) -> tuple[list[int], RunMetrics]:
     """`policy` chooses each next window's length (0: an autoregressive step) and Mirror's budget
@@ -123,6 +133,8 @@ def speculative(target: TargetRunner, draft: DraftRunner, prompt: list[int], cfg
             t_wait = time.perf_counter()
             record = StepRecord(accepted, accepted + 1, t_prefix=pp.seconds, t_suffix=t_suffix,
                                 window=len(window.tokens), source=window.source if window.tokens else "")
+            if window.kinds and max(window.kinds):
+                record.stream_checked, record.stream_accepted = stream_counts(window.kinds, accepted)
             # Beside the model (sd/mirror + lookup) the policy sizes the model's windows: lookup's are
             # valued by their own figures (lookup_beside.py), not counted as the model's.
             own = cfg.mode == "lookup" or window.source != "lookup"

@@ -26,6 +26,8 @@ class StepRecord:
     t_exposed: float = 0.0        # target side waiting on the draft after verification
     t_draft_on_path: float = 0.0  # draft runtime time that the step waited for (all of it when serial)
     t_step: float = 0.0
+    stream_checked: tuple[int, ...] = ()   # per kind of window token (0: a draft row's own, j: stream j),
+    stream_accepted: tuple[int, ...] = ()  # how many the target checked / accepted this step
     needed_rank: int | None = None  # mirror: rank of the needed branch (A+1, c) in the draft's ranked list
                                     # (-1: not in it); `mirror-deploy tune` measures branch coverage with it
 
@@ -72,6 +74,7 @@ class RunMetrics:
             "accepted_from_lookup": sum(x.accepted for x in s if x.source == "lookup"),
             "lookup_windows": sum(x.source == "lookup" for x in s),
             "exit_hit_rate": total("exit_hits") / positions if positions else None,
+            "acceptance_by_stream": _by_kind(s),   # [the draft's own tokens, stream 1, ..] accepted ÷ checked
             "mean_branches": total("branches") / n if self.mode == "mirror" else None,
             "t_prefix_ms": 1e3 * total("t_prefix") / n,
             "t_suffix_ms": 1e3 * total("t_suffix") / n,
@@ -86,6 +89,17 @@ class RunMetrics:
     def trace_lines(self):
         for i, step in enumerate(self.steps):
             yield json.dumps({"step": i, **asdict(step)})
+
+
+def _by_kind(steps: list[StepRecord]) -> list[float] | None:
+    width = max((len(x.stream_checked) for x in steps), default=0)
+    if width < 2:
+        return None
+    checked, accepted = np.zeros(width), np.zeros(width)
+    for x in steps:
+        checked[:len(x.stream_checked)] += x.stream_checked
+        accepted[:len(x.stream_accepted)] += x.stream_accepted
+    return [float(a / c) if c else None for a, c in zip(accepted, checked)]
 
 
 def peak_rss_gb() -> float:

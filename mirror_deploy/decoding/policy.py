@@ -109,19 +109,30 @@ class TunedCosts:
     overhead_ms: dict[str, float]
     acceptance: list[float]
     coverage: list[float]        # budget b -> share of steps whose needed branch ranked below b
+    draft_calls: latency.DraftCalls = latency.PLAIN
 
     @classmethod
-    def from_tuning(cls, tuning: dict, exit_layer: int, kappa: int, gamma: int, budget: int) -> "TunedCosts":
+    def from_tuning(cls, tuning: dict, exit_layer: int, kappa: int, gamma: int, budget: int,
+                    streams: dict | None = None) -> "TunedCosts":
+        """`streams`: the artifact's speculative streams when the run uses them ({"streams": S, "call_ratio",
+        "acceptance": per window position within a call}): calls yield 1 + S tokens, and the depths their
+        streams propose start from the streams' held-out acceptance instead of the draft's own."""
         stats = tuning["statistics"]
         acceptance = list(stats["acceptance_per_depth"]) or [0.5]
         acceptance += [acceptance[-1]] * (gamma - len(acceptance))
+        calls = latency.PLAIN
+        if streams:
+            calls = latency.DraftCalls(1 + streams["streams"], float(streams.get("call_ratio") or 1.0))
+            own = streams["acceptance"]
+            acceptance = [a if d % calls.per_call == 0 else own[d % calls.per_call]
+                          for d, a in enumerate(acceptance)]
         table = stats["branch_coverage_at_chosen_gamma"].get(f"{exit_layer},{kappa}")
         if table:
             known = {int(b): v for b, v in table.items()}
             coverage = [known.get(b, known[max(known)]) for b in range(budget + 1)]
         else:   # a run at an (ℓe, κ) the tuner did not rank: a modest prior, rising with the budget
             coverage = [min(0.8, 0.15 * b) for b in range(budget + 1)]
-        return cls(Curves(tuning["curves_ms"]), tuning["overhead_ms_per_step"], acceptance[:gamma], coverage)
+        return cls(Curves(tuning["curves_ms"]), tuning["overhead_ms_per_step"], acceptance[:gamma], coverage, calls)
 
 
 class CostAwareWindow:
@@ -206,14 +217,15 @@ class CostAwareWindow:
             hit[0] = miss[0] = latency.ar_step_ms(c, ctx) + over["ar"]
             for length in range(1, self.gamma + 1):
                 if self.mode == "sd":
-                    hit[length] = miss[length] = latency.sd_step_ms(c, length, ctx) + over["sd"]
+                    hit[length] = miss[length] = latency.sd_step_ms(c, length, ctx, self.costs.draft_calls) + over["sd"]
                     target[length] = latency.target_window_ms(c, length, ctx)
                     continue
                 target[length] = latency.mirror_prefix_ms(c, self.exit_layer, length, ctx)
                 for b in range(self.budget + 1):
                     cfg = latency.MirrorConfig(self.exit_layer, self.kappa, length, b)
-                    hit[length, b] = latency.mirror_step_ms(c, cfg, ctx, np.asarray(True)) + over["mirror"]
-                    miss[length, b] = latency.mirror_step_ms(c, cfg, ctx, np.asarray(False)) + over["mirror"]
+                    calls = self.costs.draft_calls
+                    hit[length, b] = latency.mirror_step_ms(c, cfg, ctx, np.asarray(True), calls) + over["mirror"]
+                    miss[length, b] = latency.mirror_step_ms(c, cfg, ctx, np.asarray(False), calls) + over["mirror"]
             self._bucket, self._table = bucket, (hit, miss, target)
         return self._table
 

@@ -51,7 +51,14 @@ def open_graph(folder: Path, manifest: Manifest, name: str, part: PartProfile, l
                    int8_activations=logical == "draft" and entry.weights in ("int8", "int4", "gguf"))
 
 
-def draft_graph_name(manifest: Manifest, profile: Profile) -> str:
+def draft_graph_name(manifest: Manifest, profile: Profile, streams: bool = False) -> str:
+    """The draft graph a profile runs; `streams`: its variant with speculative streams (`learn-streams`)."""
+    if streams:
+        name = draft_graph_name(manifest, profile) + "_streams"
+        if name not in manifest.graphs:
+            raise MirrorDeployError(f"this artifact has no speculative streams for its {name[:-8]} graph",
+                                    "run `mirror-deploy learn-streams ART` first, or run without --streams")
+        return name
     part = profile.draft
     if part.backend == "onnxruntime":
         if "draft" not in manifest.graphs:
@@ -92,9 +99,11 @@ def target_graphs(manifest: Manifest, opened: dict[str, CompiledGraph]) -> Targe
                         opened["target_head"], opened.get("exit_head"), adapters)
 
 
-def open_draft(folder: Path, manifest: Manifest, profile: Profile) -> CompiledGraph:
-    name = draft_graph_name(manifest, profile)
-    return with_vocab(open_graph(folder, manifest, name, profile.draft, "draft"), folder, manifest, name)
+def open_draft(folder: Path, manifest: Manifest, profile: Profile, streams: bool = False) -> CompiledGraph:
+    name = draft_graph_name(manifest, profile, streams)
+    graph = with_vocab(open_graph(folder, manifest, name, profile.draft, "draft"), folder, manifest, name)
+    graph.streams = manifest.stream_count(name)
+    return graph
 
 
 def draft_vocab_ids(folder: Path, manifest: Manifest) -> np.ndarray:

@@ -18,6 +18,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -33,6 +35,7 @@ from .measure import curve_contexts, measure_curves
 from .attach import trained_on
 from .calibration import prompt_sha256
 from .prompts import SHIPPED, pick, read_prompts
+from .simulate import acceptance_per_depth
 from .search import evaluate, kappa_candidates, predict_mirror, replays, statistics, top
 from ..costs.tuned import TUNING_VERSION
 from .store import write_tuning
@@ -119,24 +122,43 @@ def probe_overheads(engine: Engine, prompt_ids: list[int], tokens: int) -> dict[
     return out
 
 
-def mode_configs(mirror: MirrorConfig, sd_gamma: int, new_tokens: int) -> dict[str, GenerationConfig]:
+def mode_configs(mirror: MirrorConfig, sd_gamma: int, new_tokens: int,
+                 streams_gamma: int | None = None) -> dict[str, GenerationConfig]:
     """The chosen settings held fixed (no window policy), as the latency model predicts them."""
     common = dict(max_new_tokens=new_tokens, stop_at_eos=False, adaptive_gamma=False)
-    return {"ar": GenerationConfig(mode="ar", **common),
-            "sd": GenerationConfig(mode="sd", gamma=sd_gamma, lookup=False, **common),
-            "mirror": GenerationConfig(mode="mirror", **asdict(mirror), lookup=False, **common),
-            BESIDE: GenerationConfig(mode="sd", gamma=sd_gamma, lookup=True, **common)}
+    configs = {"ar": GenerationConfig(mode="ar", **common),
+               "sd": GenerationConfig(mode="sd", gamma=sd_gamma, lookup=False, streams=False, **common),
+               "mirror": GenerationConfig(mode="mirror", **asdict(mirror), lookup=False, streams=False, **common),
+               BESIDE: GenerationConfig(mode="sd", gamma=sd_gamma, lookup=True, streams=False, **common)}
+    if streams_gamma:
+        configs[STREAMS] = GenerationConfig(mode="sd", gamma=streams_gamma, lookup=False, streams=True, **common)
+    return configs
 
 
 BESIDE = "sd+lookup"   # measured beside the modes: whether SD's default takes lookup windows beside the draft
+STREAMS = "sd+streams"  # ... and whether it takes the draft's speculative streams (`learn-streams`)
 
 
-def measure_modes(engine: Engine, sequences, mirror: MirrorConfig, sd_gamma: int, advance) -> dict:
+def streams_gamma(curves: Curves, acceptance: list[float], streams: dict, max_gamma: int, overhead_ms: float) -> int:
+    """The SD window the latency model likes best with streams: a call yields 1 + S tokens at the streamed
+    call's cost, and stream positions are accepted at the streams' held-out rates."""
+    calls = latency.DraftCalls(1 + streams["streams"], float(streams.get("call_ratio") or 1.0))
+    rates = [a if d % calls.per_call == 0 else streams["acceptance"][d % calls.per_call]
+             for d, a in enumerate((acceptance + [acceptance[-1]] * max_gamma)[:max_gamma])]
+    context = np.asarray(float(np.mean(curves.data["contexts"])))
+    expected = 1.0 + np.concatenate([[0.0], np.cumsum(np.cumprod(rates))])
+    speed = {g: expected[g] / float(latency.sd_step_ms(curves, g, context, calls) + overhead_ms)
+             for g in range(1, max_gamma + 1)}
+    return max(speed, key=speed.get)
+
+
+def measure_modes(engine: Engine, sequences, mirror: MirrorConfig, sd_gamma: int, advance,
+                  streams_at: int | None = None) -> dict:
     """Each mode on each sequence's prompt, the mode order rotated per prompt; summed like tokens_per_s."""
-    names = (*MODES, BESIDE)
+    names = (*MODES, BESIDE, *([STREAMS] if streams_at else []))
     totals = {mode: {"tokens": 0, "seconds": 0.0, "equal_to_ar": True, "steps": 0, "reused": 0} for mode in names}
     for i, s in enumerate(sequences):
-        configs = mode_configs(mirror, sd_gamma, s.new)
+        configs = mode_configs(mirror, sd_gamma, s.new, streams_at)
         order = names[i % len(names):] + names[:i % len(names)]
         for mode in order:
             result = engine.generate(s.tokens[:s.prompt_len], configs[mode])
@@ -222,14 +244,21 @@ def _tune(engine: Engine, folder: Path, opts: TuneOptions, console: Console) -> 
         mirror_tps, mirror = grid.best_mirror
         sd_tps, sd_gamma = grid.best_sd
         checked = sequences[:opts.measure_prompts]
-        task = progress.add_task("check: every mode on calibration prompts", total=len(checked) * len(MODES))
-        measured = measure_modes(engine, checked, mirror, sd_gamma, lambda: progress.advance(task)) if checked else {}
+        at = None
+        if m.draft_streams and checked:
+            deepest = max(grid.steps)
+            at = max(2, streams_gamma(curves, acceptance_per_depth(grid.steps[deepest], deepest) or [0.5],
+                                      m.draft_streams, m.gamma, overhead["sd"]))
+        runs = len(MODES) + 1 + (at is not None)
+        task = progress.add_task("check: every mode on calibration prompts", total=len(checked) * runs)
+        measured = measure_modes(engine, checked, mirror, sd_gamma, lambda: progress.advance(task), at) \
+            if checked else {}
     return _record(engine, opts, source, prompts_sha, chat, sequences, curves, overhead, grid, mirror, sd_gamma,
-                   checked, measured, exit_training_prompts=overlap)
+                   checked, measured, exit_training_prompts=overlap, streams_at=at)
 
 
 def _record(engine, opts, source, prompts_sha, chat, sequences, curves, overhead, grid, mirror, sd_gamma,
-            checked, measured, exit_training_prompts: int) -> dict:
+            checked, measured, exit_training_prompts: int, streams_at: int | None = None) -> dict:
     m = engine.manifest
     predicted = {"ar": grid.ar, "sd": grid.sd[sd_gamma], "mirror": grid.best_mirror[0]}
     bound = model.zero_draft_bound(curves, grid.steps[mirror.gamma], mirror.gamma)
@@ -272,6 +301,7 @@ def _record(engine, opts, source, prompts_sha, chat, sequences, curves, overhead
         "curves_ms": curves.data,
         "check": check,
         "lookup_beside": lookup_choice(measured),
+        "streams": streams_choice(measured, streams_at),
     }
 
 
@@ -285,6 +315,16 @@ def lookup_choice(measured: dict) -> dict:
                    "without_tokens_per_s": off, "by": "measured on the check prompts"}}
 
 
+def streams_choice(measured: dict, gamma: int | None) -> dict:
+    """SD with the draft's speculative streams (at the window the latency model liked for them) becomes
+    SD's default where it measured faster than plain SD on the check prompts, and equal to AR there."""
+    if STREAMS not in measured:
+        return {"sd": {"chosen": False, "by": "not measured (no streams, or no check prompts)"}}
+    on, off = measured[STREAMS]["tokens_per_s"], measured["sd"]["tokens_per_s"]
+    return {"sd": {"chosen": bool(on > off and measured[STREAMS]["equal_to_ar"]), "gamma": gamma,
+                   "tokens_per_s": on, "without_tokens_per_s": off, "by": "measured on the check prompts"}}
+
+
 def print_tuning(data: dict, console: Console) -> None:
     mirror, sd = data["choice"]["mirror"], data["choice"]["sd"]
     console.print(f"[bold]choice[/] mirror: ℓe={mirror['exit_layer']} κ={mirror['kappa']} γ={mirror['gamma']} "
@@ -294,6 +334,11 @@ def print_tuning(data: dict, console: Console) -> None:
         console.print(f"sd with lookup beside the draft: {beside['tokens_per_s']:.2f} tok/s against "
                       f"{beside['without_tokens_per_s']:.2f} without, so sd runs with lookup "
                       f"{'on' if beside['chosen'] else 'off'} by default")
+    streamed = (data.get("streams") or {}).get("sd", {})
+    if "tokens_per_s" in streamed:
+        console.print(f"sd with the draft's streams (γ={streamed['gamma']}): {streamed['tokens_per_s']:.2f} tok/s against "
+                      f"{streamed['without_tokens_per_s']:.2f} without, so sd runs with streams "
+                      f"{'on' if streamed['chosen'] else 'off'} by default")
     table = Table(title="tokens/s: predicted (latency model) vs measured")
     for col in ("mode", "predicted, calibration set", "predicted, checked prompts", "measured", "measured ÷ predicted",
                 "output = ar"):

@@ -251,6 +251,11 @@ def write_cut(folder: Path, ranking: np.ndarray, choice: VocabChoice) -> Manifes
     old_files = {f for g in _cuttable(manifest) for f in manifest.graphs[g].sha256}
     if manifest.draft_vocab:
         old_files.add(manifest.draft_vocab["file"])
+    if manifest.draft_streams:   # trained through the old head: dropped, `learn-streams` trains them anew
+        old_files |= set(manifest.draft_streams["files"])
+        for name in manifest.draft_streams["graphs"].values():
+            manifest.graphs.pop(name, None)
+        manifest.draft_streams = None
     current = draft_vocab_ids(folder, manifest) if manifest.draft_vocab else None
     id_file = f"draft_vocab_{size}.npy"
     written = []
@@ -298,7 +303,11 @@ def cut_vocab(folder: Path, opts: VocabOptions, profile: str | None = None, cons
     finally:
         engine.target.close()
     if choice.size is not None:
+        had_streams = bool(engine.manifest.draft_streams)
         write_cut(Path(folder), ranking, choice)
+        if had_streams and console is not None:
+            console.print("[yellow]note:[/] the draft's speculative streams were trained through the old head and "
+                          "were removed; run `mirror-deploy learn-streams` again")
     return choice
 
 
