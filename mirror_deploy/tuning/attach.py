@@ -9,12 +9,12 @@ as it was.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 
-from ..artifact import MANIFEST, GraphEntry, read_manifest, sha256_file
+from ..artifact import GraphEntry, read_manifest, sha256_file
 from ..errors import MirrorDeployError
+from .store import replace_manifest
 from .translator import AffineTranslator, export_onnx, save_translators
 
 WEIGHTS_FILE = "exit_adapters.safetensors"
@@ -84,10 +84,7 @@ def attach(folder: str | Path, translators: dict[int, AffineTranslator], reports
                 inputs=[{"name": "hidden_states", "dtype": "float32", "shape": [1, "rows", d]}],
                 outputs=[{"name": "adapted", "dtype": "float32", "shape": [1, "rows", d]}],
                 layers=[b, b])
-        tmp_manifest = folder / f".{MANIFEST}.tmp"
-        written.append(tmp_manifest)
-        tmp_manifest.write_text(manifest.to_json())
-        os.replace(tmp_manifest, folder / MANIFEST)
+        replace_manifest(folder, manifest)
     finally:
         for path in written:
             if path.exists():

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import MANIFEST, GraphEntry, read_manifest, sha256_file
+from ..artifact import GraphEntry, read_manifest, sha256_file
 from ..errors import MirrorDeployError
+from .store import replace_manifest
 
 WEIGHTS_FILE = "draft_streams.npz"
 STREAMED_GRAPHS = ("draft_stateful", "draft_static")
@@ -154,7 +155,7 @@ def write_streams(folder: Path, manifest, block, report, trained_on: list[str], 
             "files": files, "acceptance": report.acceptance, "draft_second": report.draft_second,
             "train_rows": report.train_rows, "held_out_rows": report.held_out_rows, "code_tokens": code_tokens,
             "trained_on": trained_on, "train_seconds": report.train_seconds, "call_ratio": None}
-        _replace_manifest(folder, manifest)
+        replace_manifest(folder, manifest)
     except BaseException:
         for f in written:
             if f.name not in old:
@@ -164,12 +165,6 @@ def write_streams(folder: Path, manifest, block, report, trained_on: list[str], 
     for f in old - keep:
         (folder / f).unlink(missing_ok=True)
     return names
-
-
-def _replace_manifest(folder: Path, manifest) -> None:
-    temp = folder / f".{MANIFEST}.tmp"
-    temp.write_text(manifest.to_json())
-    os.replace(temp, folder / MANIFEST)
 
 
 def learn_streams(folder: Path, config, prompts: Path | None, new_tokens: int, code_tokens: int, console) -> dict:
@@ -204,7 +199,7 @@ def learn_streams(folder: Path, config, prompts: Path | None, new_tokens: int, c
             except MirrorDeployError as err:   # the profile's draft device is not on this machine
                 console.print(f"[yellow]note:[/] streamed call not timed here ({err}); runs assume it costs "
                               "what a plain call does until `tune` measures it")
-            _replace_manifest(folder, manifest)
+            replace_manifest(folder, manifest)
     summary = {**asdict(report), "call_ratio": manifest.draft_streams["call_ratio"],
                "seconds": time.perf_counter() - start, "graphs": names}
     return summary

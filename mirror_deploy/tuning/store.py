@@ -39,6 +39,17 @@ def _write_temp(path: Path, text: str) -> Path:
     return temp
 
 
+def replace_manifest(folder: Path, manifest) -> None:
+    """Write the manifest whole under a temporary name, then rename it over the old one: an interrupted
+    update leaves the old manifest (and so the artifact as it was)."""
+    temp = _write_temp(Path(folder) / MANIFEST, manifest.to_json())
+    try:
+        with _no_interrupt():
+            os.replace(temp, Path(folder) / MANIFEST)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
 def write_tuning(folder: Path, data: dict, profile: dict | None = None) -> Path:
     """Write tuning.json and point the manifest at it; both files are complete before either is
     replaced, and the replacements are renames, so an interruption leaves the artifact as it was.

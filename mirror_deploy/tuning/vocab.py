@@ -16,14 +16,13 @@ measurement, and cut it into the artifact's OpenVINO draft graphs (export/vocab_
 """
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..artifact import MANIFEST, Manifest, read_manifest, sha256_file
+from ..artifact import Manifest, read_manifest, sha256_file
 from ..decoding.config import GenerationConfig
 from ..decoding.drive import DraftDriver
 from ..decoding.engine import Engine
@@ -33,7 +32,7 @@ from ..export.shapes import DRAFT_TOP_M
 from ..export.vocab_cut import cut_draft_ir
 from ..runtimes.loader import draft_graph_name, draft_vocab_ids
 from .prompts import pick, read_prompts
-from .store import _no_interrupt, _write_temp
+from .store import replace_manifest
 
 CANDIDATES = (4096, 8192, 16384, 32768, 65536)
 MIN_VOCAB_TO_CUT = 16384   # below this the head is a small share of the draft; `auto` leaves it whole
@@ -280,10 +279,7 @@ def write_cut(folder: Path, ranking: np.ndarray, choice: VocabChoice) -> Manifes
             "candidates": [asdict(c) for c in choice.candidates], "window_ms": choice.window_ms}
         retuned = manifest.tuning is not None
         manifest.tuning = None   # its cost curves were measured with the old head
-        temp = _write_temp(folder / MANIFEST, manifest.to_json())
-        written.append(temp)
-        with _no_interrupt():
-            os.replace(temp, folder / MANIFEST)
+        replace_manifest(folder, manifest)
     except BaseException:
         for f in written:
             f.unlink(missing_ok=True)
