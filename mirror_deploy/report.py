@@ -21,7 +21,7 @@ FIGURES = [  # key, label, unit, format
     ("acceptance_histogram", "accepted-length histogram", "steps with A=0..γ", "{}"),
     ("mean_window", "mean window", "draft tokens/step", "{:.2f}"),
     ("draft_tokens_per_call", "draft tokens per draft call", "tok/call", "{:.2f}"),
-    ("acceptance_by_stream", "acceptance: draft's own / each stream", "", "{}"),
+    ("acceptance_by_stream", "acceptance: draft's own / each stream", "", "{:.0%}"),
     ("autoregressive_steps", "autoregressive steps (policy)", "steps", "{}"),
     ("accepted_from_draft", "accepted from the draft model", "tokens", "{}"),
     ("accepted_from_lookup", "accepted from prompt lookup", "tokens", "{}"),
@@ -81,8 +81,16 @@ def stats_table(summaries: dict[str, dict], title: str = "figures") -> Table:
         values = [s.get(key) for s in summaries.values()]
         if all(v is None or v == [] for v in values):
             continue
-        table.add_row(label, unit, *("–" if v is None else fmt.format(v) for v in values))
+        table.add_row(label, unit, *(_figure(v, fmt) for v in values))
     return table
+
+
+def _figure(value, fmt: str) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, list) and fmt != "{}":   # one figure per position (e.g. per stream)
+        return " / ".join(_figure(v, fmt) for v in value)
+    return fmt.format(value)
 
 
 def print_stats(summaries: dict[str, dict], console: Console | None = None, title: str = "figures") -> None:
