@@ -208,3 +208,36 @@ def test_bench_columns_name_streams_and_lookup():
     assert EngineMethod.config_fields("sd+streams") == {"streams": True, "lookup": False}
     assert EngineMethod.config_fields("mirror") == {"streams": False, "lookup": False}
     assert EngineMethod.config_fields("ar") == {}
+
+
+def test_tune_measures_streams_and_sd_takes_them_where_they_were_faster(random_streams, tmp_path):
+    """`tune` times SD with streams beside plain SD and records the figures; where streams were faster a
+    run that names no streams setting gets them at tune's window, an explicit False (and bench's plain
+    `sd` column) does not, and the output is AR's either way."""
+    import shutil
+
+    from rich.console import Console
+
+    from mirror_deploy.bench.methods import EngineMethod
+    from mirror_deploy.tuning import store, tune
+    folder = shutil.copytree(random_streams[0].folder, tmp_path / "art")
+    data = tune.tune_artifact(folder, tune.TuneOptions(seed=3, prompts=6, new_tokens=16, rounds=1, measure_prompts=1),
+                              Console(quiet=True))
+    streamed = data["streams"]["sd"]
+    assert streamed["gamma"] >= 2 and streamed["tokens_per_s"] > 0 and streamed["without_tokens_per_s"] > 0
+    assert streamed["chosen"] == (streamed["tokens_per_s"] > streamed["without_tokens_per_s"])
+    edited = json.loads(json.dumps(data))
+    edited["streams"] = {"sd": {**streamed, "chosen": True, "gamma": 3}}
+    store.write_tuning(folder, edited)
+    engine = Engine(folder)
+    prompt = "The quick brown fox"
+    assert engine.with_tuned_defaults(G(mode="sd")).streams is True
+    assert engine.with_tuned_defaults(G(mode="sd")).gamma == 3
+    expected = engine.generate(prompt, G(max_new_tokens=24, mode="ar", stop_at_eos=False)).tokens
+    tuned_run = engine.generate(prompt, G(max_new_tokens=24, mode="sd", adaptive_gamma=False, stop_at_eos=False))
+    plain = engine.generate(prompt, G(max_new_tokens=24, mode="sd", adaptive_gamma=False, streams=False,
+                                      stop_at_eos=False))
+    assert tuned_run.tokens == plain.tokens == expected
+    assert tuned_run.summary["draft_tokens_per_call"] > 1.0 and plain.summary["draft_tokens_per_call"] == 1.0
+    column = EngineMethod(engine, "sd").generate(engine.encode(prompt), 24)
+    assert column.tokens == expected and column.figures["draft_tokens_per_call"] in (None, 1.0)   # None: no draft call

@@ -72,17 +72,19 @@ def tuned_best_mode(tuning: dict | None, profile_name: str) -> str | None:
     return tuning["choice"].get("best_mode")
 
 
-def tuned_defaults(tuning: dict | None, mode: str, profile_name: str) -> dict:
-    """GenerationConfig fields the tuning chose for `mode`, when it was tuned on this profile."""
+def tuned_defaults(tuning: dict | None, mode: str, profile_name: str, streams: bool | None = None) -> dict:
+    """GenerationConfig fields the tuning chose for `mode`, when it was tuned on this profile. `streams`:
+    the request's own setting (None: as tuned); a run with streams gets the window tune measured them at
+    (SD's own tuned window may be 1, which leaves no room for a stream token)."""
     if not tuning or tuning.get("profile") != profile_name:
         return {}
     choice = tuning["choice"]
     if mode == "mirror":
         return {**choice["mirror"], "streams": False}   # tune measures streams for sd only
     if mode == "sd":
-        if streams_chosen(tuning, "sd"):   # the window tune measured the streams at
-            return {"gamma": tuning["streams"]["sd"]["gamma"], "lookup": lookup_beside_chosen(tuning), "streams": True}
-        return {"gamma": choice["sd"]["gamma"], "lookup": lookup_beside_chosen(tuning), "streams": False}
+        use = streams_chosen(tuning, "sd") if streams is None else streams
+        gamma = (tuning.get("streams") or {}).get("sd", {}).get("gamma") if use else None
+        return {"gamma": gamma or choice["sd"]["gamma"], "lookup": lookup_beside_chosen(tuning), "streams": use}
     return {}
 
 

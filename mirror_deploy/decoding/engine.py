@@ -120,7 +120,7 @@ class Engine:
         explicit values win."""
         if cfg.mode is None:
             cfg = replace(cfg, mode=self.default_mode()[0])
-        tuned = tuned_defaults(self.tuning, cfg.mode, self.profile.name)
+        tuned = tuned_defaults(self.tuning, cfg.mode, self.profile.name, cfg.streams)
         filled = {k: v for k, v in tuned.items() if getattr(cfg, k, 0) is None}
         return replace(cfg, **filled) if filled else cfg
 
