@@ -254,9 +254,9 @@ def learn_streams(
     OpenVINO graphs as `<graph>_streams`; prints the held-out acceptance per window position."""
     from .tuning.learn_streams import learn_streams as learn
     from .tuning.streams import StreamConfig
-    if streams < 1 or epochs < 1 or code_tokens < 0:
-        raise MirrorDeployError(f"--streams {streams}, --epochs {epochs}, --code-tokens {code_tokens}",
-                                "use at least 1 stream and 1 epoch, and 0 or more code tokens")
+    for flag, value, least in (("--streams", streams, 1), ("--epochs", epochs, 1), ("--code-tokens", code_tokens, 0)):
+        if value < least:
+            raise MirrorDeployError(f"{flag} {value} is below {least}", f"pass {flag} {least} or more")
     summary = learn(artifact, StreamConfig(streams=streams, epochs=epochs, seed=seed), prompts, new_tokens,
                     code_tokens, err)
     rates = ", ".join(f"{a:.2f}" for a in summary["acceptance"])
