@@ -77,16 +77,19 @@ def train(folder: Path, manifest, config, prompts, new_tokens: int, code_tokens:
             raise MirrorDeployError(f"{target.path} has no tokenizer", "export from a checkpoint saved with its tokenizer")
         sequences = cached_sequences(target.path, model, tokenizer, prompt_set, new_tokens)
         del model
-    with progress(f"the draft over {len(sequences)} sequences and {code_tokens} tokens of code"):
+    code = code_sequences(tokenizer, code_tokens, seed=config.seed) if code_tokens else []
+    with progress(f"the draft over {len(sequences)} calibration and {len(code)} code sequences",
+                  len(sequences) + len(code)) as advance:
         model = draft.load_model()
-        calibration = draft_features(model, sequences)
-        extra = draft_features(model, code_sequences(tokenizer, code_tokens, seed=config.seed)) if code_tokens else None
+        calibration = draft_features(model, sequences, advance)
+        extra = draft_features(model, code, advance) if code else None
         embedding = model.get_input_embeddings().weight.detach().float().clone()
         head_ids = _head_ids(folder, manifest)
         head = model.get_output_embeddings().weight.detach().float()[torch.from_numpy(head_ids)].clone()
         del model
-    with progress(f"training {config.streams} stream(s), {config.epochs} epochs"):
-        block, report = train_streams(calibration, embedding, head, head_ids, config, extra=extra, log=lambda s: None)
+    with progress(f"training {config.streams} stream(s)", config.epochs) as advance:
+        block, report = train_streams(calibration, embedding, head, head_ids, config, extra=extra,
+                                      log=lambda text: advance(description=f"training {config.streams} stream(s), {text.strip()}"))
     trained = sorted({prompt_sha256(p.text) for p in prompt_set})
     return block, report, trained
 
@@ -170,7 +173,7 @@ def write_streams(folder: Path, manifest, block, report, trained_on: list[str], 
 def learn_streams(folder: Path, config, prompts: Path | None, new_tokens: int, code_tokens: int, console) -> dict:
     from contextlib import contextmanager
 
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -181,13 +184,16 @@ def learn_streams(folder: Path, config, prompts: Path | None, new_tokens: int, c
         raise MirrorDeployError("this artifact's draft runs on ONNX Runtime only (draft.onnx); streams are "
                                 "compiled into OpenVINO drafts", "re-export with an OpenVINO draft profile (cpu, npu)")
     start = time.perf_counter()
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
-                  transient=False) as bar:
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=False) as bar:
         @contextmanager
-        def progress(text):
-            task = bar.add_task(text, total=1)
-            yield
-            bar.update(task, completed=1)
+        def progress(text, total: int = 1):
+            task = bar.add_task(text, total=total)
+
+            def advance(description: str | None = None):
+                bar.update(task, advance=1, **({"description": description} if description else {}))
+            yield advance
+            bar.update(task, completed=total)
 
         block, report, trained = train(folder, manifest, config, prompts, new_tokens, code_tokens, progress)
         with progress("compiling the streams into the draft graphs"):

@@ -75,10 +75,13 @@ class StreamFeatures:
 
 
 @torch.no_grad()
-def draft_features(model, sequences: list[CalibrationSequence]) -> StreamFeatures:
-    """The draft's head input over each sequence (its final norm's output), one pass per sequence."""
+def draft_features(model, sequences: list[CalibrationSequence], advance=None) -> StreamFeatures:
+    """The draft's head input over each sequence (its final norm's output), one pass per sequence;
+    `advance()` after each (a progress bar)."""
     feats = StreamFeatures([], [], [], [])
     for s in sequences:
+        if advance is not None:
+            advance()
         ids = torch.tensor([s.ids])
         out = model.model(input_ids=ids) if hasattr(model, "model") else model.transformer(input_ids=ids)
         feats.head_input.append(out.last_hidden_state[0].float().numpy())
