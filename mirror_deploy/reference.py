@@ -18,15 +18,15 @@ from .export.shapes import draft_top_m, graph_io
 from .runtimes.torch_ref import TorchGraph
 
 
-def open_recorded(manifest: Manifest, role: str) -> SourceModel:
+def open_recorded(manifest: Manifest, role: str, purpose: str = "the parity reference",
+                  alternative: str = "or pass --skip-parity to check files and compilation only") -> SourceModel:
     """The source model at the path recorded at export, refused if it changed since."""
     recorded = getattr(manifest, role)
-    fix = (f"put the {role} model used for the export back at {recorded['path']}, "
-           "or pass --skip-parity to check files and compilation only")
+    fix = f"put the {role} model used for the export back at {recorded['path']}" + (f", {alternative}" if alternative else "")
     try:
         source = open_source(recorded["path"], role)
     except MirrorDeployError as err:
-        raise MirrorDeployError(f"{role} source model for the parity reference: {err.problem}", fix) from None
+        raise MirrorDeployError(f"{role} source model for {purpose}: {err.problem}", fix) from None
     now = source.describe()
     for key in ("config_sha256", "weights_sha256"):
         if now[key] != recorded[key]:

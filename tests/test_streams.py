@@ -241,3 +241,19 @@ def test_tune_measures_streams_and_sd_takes_them_where_they_were_faster(random_s
     assert tuned_run.summary["draft_tokens_per_call"] > 1.0 and plain.summary["draft_tokens_per_call"] == 1.0
     column = EngineMethod(engine, "sd").generate(engine.encode(prompt), 24)
     assert column.tokens == expected and column.figures["draft_tokens_per_call"] in (None, 1.0)   # None: no draft call
+
+
+def test_learn_streams_refuses_a_draft_that_changed_since_the_export(tmp_path):
+    """Streams are trained on the draft checkpoint the artifact names: one edited since is refused, with
+    nothing written."""
+    from typer.testing import CliRunner
+
+    from mirror_deploy import cli
+    target, draft = build_tiny_pair(tmp_path / "m", "qwen2")
+    art = export_artifact(target, draft, tmp_path / "art", ExportOptions(kappa=4, gamma=4, max_context=128))
+    weights = next(p for p in draft.iterdir() if p.suffix == ".safetensors")
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    before = sorted(p.name for p in art.iterdir())
+    result = CliRunner().invoke(cli.app, ["learn-streams", str(art), "--code-tokens", "0", "--epochs", "1"])
+    assert result.exit_code == 2 and "changed since the export" in " ".join(result.output.split()), result.output
+    assert sorted(p.name for p in art.iterdir()) == before

@@ -63,13 +63,15 @@ def train(folder: Path, manifest, config, prompts, new_tokens: int, code_tokens:
     """The block and its report, from the checkpoints the artifact names."""
     import torch
 
-    from ..export.loading import open_source
+    from ..reference import open_recorded
     from .calibration import cached_sequences, load_prompts, prompt_sha256
     from .streams import draft_features, train_streams
 
     prompt_set = load_prompts(prompts)
-    target = open_source(manifest.target["path"], "target")
-    draft = open_source(manifest.draft["path"], "draft")
+    # The checkpoints the artifact was exported from, unchanged: streams trained on another draft
+    # would be compiled into this one's graphs.
+    target = open_recorded(manifest, "target", "learn-streams", alternative="")
+    draft = open_recorded(manifest, "draft", "learn-streams", alternative="")
     torch.manual_seed(config.seed)
     with progress("target continuations of the calibration prompts"):
         model, tokenizer = target.load_model(), target.load_tokenizer()
