@@ -157,13 +157,16 @@ def model_fingerprint(model_dir: str | Path) -> str:
 def cached_sequences(model_dir: str | Path, model, tokenizer, prompts: list[CalibrationPrompt], new_tokens: int,
                      capacity: int | None = None, cache: Path | None = None) -> list[CalibrationSequence]:
     """`generate_sequences`, remembered on disk per (checkpoint, prompts, length): generation is the
-    slow part of calibration on a CPU, and its result only depends on those."""
+    slow part of calibration on a CPU, and its result only depends on those. `model` may be a function
+    that loads it, called only when the sequences are not cached."""
     key = hashlib.sha256(json.dumps([model_fingerprint(model_dir), [asdict(p) for p in prompts], new_tokens,
                                      capacity]).encode()).hexdigest()[:24]
     path = Path(cache or cache_dir()) / "calibration" / f"{key}.json"
     if path.is_file():
         return [CalibrationSequence(r["category"], tuple(r["ids"]), r["prompt_len"])
                 for r in json.loads(path.read_text())]
+    if not isinstance(model, torch.nn.Module):
+        model = model()
     sequences = generate_sequences(model, tokenizer, prompts, new_tokens, capacity)
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = path.with_suffix(".tmp")

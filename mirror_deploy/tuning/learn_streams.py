@@ -63,22 +63,23 @@ def train(folder: Path, manifest, config, prompts, new_tokens: int, code_tokens:
     """The block and its report, from the checkpoints the artifact names."""
     import torch
 
+    from ..export.loading import open_source
     from ..reference import open_recorded
     from .calibration import cached_sequences, load_prompts, prompt_sha256
     from .streams import draft_features, train_streams
 
     prompt_set = load_prompts(prompts)
-    # The checkpoints the artifact was exported from, unchanged: streams trained on another draft
-    # would be compiled into this one's graphs.
-    target = open_recorded(manifest, "target", "learn-streams", alternative="")
+    # The draft the artifact was exported from, unchanged: streams trained on another draft would be
+    # compiled into this one's graphs. The target only writes training text (cached per checkpoint).
+    target = open_source(manifest.target["path"], "target")
     draft = open_recorded(manifest, "draft", "learn-streams", alternative="")
     torch.manual_seed(config.seed)
     with progress("target continuations of the calibration prompts"):
-        model, tokenizer = target.load_model(), target.load_tokenizer()
+        tokenizer = target.load_tokenizer()
         if tokenizer is None:
             raise MirrorDeployError(f"{target.path} has no tokenizer", "export from a checkpoint saved with its tokenizer")
-        sequences = cached_sequences(target.path, model, tokenizer, prompt_set, new_tokens)
-        del model
+        sequences = cached_sequences(target.path, target.load_model, tokenizer, prompt_set, new_tokens)
+        target.release()
     code = code_sequences(tokenizer, code_tokens, seed=config.seed) if code_tokens else []
     with progress(f"the draft over {len(sequences)} calibration and {len(code)} code sequences",
                   len(sequences) + len(code)) as advance:
@@ -89,6 +90,7 @@ def train(folder: Path, manifest, config, prompts, new_tokens: int, code_tokens:
         head_ids = _head_ids(folder, manifest)
         head = model.get_output_embeddings().weight.detach().float()[torch.from_numpy(head_ids)].clone()
         del model
+        draft.release()   # the decoder's weights go before training: only the head and embedding stay
     with progress(f"training {config.streams} stream(s)", config.epochs) as advance:
         block, report = train_streams(calibration, embedding, head, head_ids, config, extra=extra,
                                       log=lambda text: advance(description=f"training {config.streams} stream(s), {text.strip()}"))
