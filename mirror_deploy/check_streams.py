@@ -62,7 +62,7 @@ def parity_rows(folder: Path, m: Manifest, prof: Profile, pairs: list[tuple[str,
                 seed: int = 0) -> None:
     from .decoding.draft import DraftRunner
     from .runtimes.kv import COMMITTED
-    from .runtimes.loader import draft_graph_name, open_graph, with_vocab
+    from .runtimes.loader import draft_graph_name, open_draft
     try:
         used = draft_graph_name(m, prof)
     except MirrorDeployError as err:
@@ -76,10 +76,8 @@ def parity_rows(folder: Path, m: Manifest, prof: Profile, pairs: list[tuple[str,
         tokens = [int(t) for t in rng.integers(0, m.draft["vocab_size"], 12)]
         outs = {}
         try:
-            for name in (plain, streamed):
-                graph = with_vocab(open_graph(folder, m, name, prof.draft, "draft"), folder, m, name)
-                graph.streams = m.stream_count(name)
-                runner = DraftRunner(graph, m)
+            for name, streams in ((plain, False), (streamed, True)):   # as a run opens them
+                runner = DraftRunner(open_draft(folder, m, prof, streams), m)
                 runner.prefill(tokens[:8])
                 first = runner.cache.used
                 outs[name] = runner.call(tokens[8:], [COMMITTED] + list(range(first, first + 3)), list(range(8, 12)))

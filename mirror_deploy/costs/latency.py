@@ -43,6 +43,14 @@ class DraftCalls:
 PLAIN = DraftCalls()
 
 
+def with_streams(acceptance: list[float], streams: dict) -> tuple[DraftCalls, list[float]]:
+    """A draft with speculative streams (the manifest's `draft_streams`): its calls, and `acceptance` per
+    depth with the depths its streams propose taking the streams' held-out rates instead."""
+    calls = DraftCalls(1 + streams["streams"], float(streams.get("call_ratio") or 1.0))
+    rates = streams["acceptance"]   # per position within a call: the draft's own, then each stream's
+    return calls, [a if d % calls.per_call == 0 else rates[d % calls.per_call] for d, a in enumerate(acceptance)]
+
+
 def ar_step_ms(c: Curves, context) -> np.ndarray:
     return c.segments("alone", 0, c.n_segments, 1, context) + c.head("alone", 1, context)
 

@@ -196,7 +196,6 @@ class Engine:
             tokens, metrics = speculative(self.target, lookup, ids, cfg, gamma, 0, self.eos, emit, policy)
         else:
             model = draft = self.stream_draft() if cfg.streams else self.draft
-            model.reset()
             if cfg.lookup:
                 draft = LookupBeside(draft, LookupDraft(self._lookup_window(self._lookup_gamma(cfg, gamma))),
                                      gamma)

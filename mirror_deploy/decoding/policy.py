@@ -122,10 +122,7 @@ class TunedCosts:
         acceptance += [acceptance[-1]] * (gamma - len(acceptance))
         calls = latency.PLAIN
         if streams:
-            calls = latency.DraftCalls(1 + streams["streams"], float(streams.get("call_ratio") or 1.0))
-            own = streams["acceptance"]
-            acceptance = [a if d % calls.per_call == 0 else own[d % calls.per_call]
-                          for d, a in enumerate(acceptance)]
+            calls, acceptance = latency.with_streams(acceptance, streams)
         table = stats["branch_coverage_at_chosen_gamma"].get(f"{exit_layer},{kappa}")
         if table:
             known = {int(b): v for b, v in table.items()}

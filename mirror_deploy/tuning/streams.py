@@ -21,7 +21,7 @@ before it were right.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, astuple, dataclass, field
+from dataclasses import astuple, dataclass, field
 
 import numpy as np
 import torch
@@ -55,14 +55,6 @@ class StreamBlock(torch.nn.Module):
         """The weights as the graph uses them: x @ w (rows in, columns out)."""
         return {"w_in": self.w_in.weight.detach().T.contiguous().numpy().astype(np.float32),
                 "w_out": self.w_out.weight.detach().T.contiguous().numpy().astype(np.float32)}
-
-    @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> StreamBlock:
-        block = cls(arrays["w_out"].shape[0])
-        with torch.no_grad():
-            block.w_in.weight.copy_(torch.from_numpy(arrays["w_in"]).T)
-            block.w_out.weight.copy_(torch.from_numpy(arrays["w_out"]).T)
-        return block
 
 
 @dataclass
@@ -144,9 +136,6 @@ class StreamReport:
     draft_second: float               # held out: the draft's own token after y1 when y1 is fed (a second call)
     train_seconds: float
     losses: list[float] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class StreamTrainer:

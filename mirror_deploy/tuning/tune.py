@@ -142,9 +142,7 @@ STREAMS = "sd+streams"  # ... and whether it takes the draft's speculative strea
 def streams_gamma(curves: Curves, acceptance: list[float], streams: dict, max_gamma: int, overhead_ms: float) -> int:
     """The SD window the latency model likes best with streams: a call yields 1 + S tokens at the streamed
     call's cost, and stream positions are accepted at the streams' held-out rates."""
-    calls = latency.DraftCalls(1 + streams["streams"], float(streams.get("call_ratio") or 1.0))
-    rates = [a if d % calls.per_call == 0 else streams["acceptance"][d % calls.per_call]
-             for d, a in enumerate((acceptance + [acceptance[-1]] * max_gamma)[:max_gamma])]
+    calls, rates = latency.with_streams((acceptance + [acceptance[-1]] * max_gamma)[:max_gamma], streams)
     context = np.asarray(float(np.mean(curves.data["contexts"])))
     expected = 1.0 + np.concatenate([[0.0], np.cumsum(np.cumprod(rates))])
     speed = {g: expected[g] / float(latency.sd_step_ms(curves, g, context, calls) + overhead_ms)
