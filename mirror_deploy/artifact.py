@@ -83,6 +83,11 @@ class Manifest:
                 return int(spec["shape"][2])
         return 0
 
+    def stream_files(self) -> set[str]:
+        """Files the streams graphs hash (their IRs, the block's weights, a cut head's ids)."""
+        graphs = (self.draft_streams or {}).get("graphs", {}).values()
+        return {f for g in graphs if g in self.graphs for f in self.graphs[g].sha256}
+
     def target_segments(self) -> list[str]:
         """Graph names of the target's layer segments, first layer first."""
         names = [k for k in self.graphs if k.startswith("target_seg")]

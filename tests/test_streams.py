@@ -167,6 +167,25 @@ def test_learn_streams_trains_attaches_checks_and_stays_exact(tmp_path, monkeypa
     assert json.loads(out.output.strip().splitlines()[-1])["metrics"]["draft_tokens_per_call"] >= 1.0
 
 
+def test_an_interrupted_second_learn_streams_leaves_the_first_whole(random_streams, tmp_path, monkeypatch):
+    """A re-run writes new files beside the ones the manifest hashes and replaces the manifest last: killed
+    before that, the artifact is the first run's, and `check` passes on it."""
+    import shutil
+
+    from mirror_deploy.check import check_artifact
+    from mirror_deploy.tuning import learn_streams
+    art = shutil.copytree(random_streams[0].folder, tmp_path / "art")
+    before = {p.name: p.read_bytes() for p in art.iterdir() if p.is_file()}
+
+    def interrupted(folder, manifest):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(learn_streams, "replace_manifest", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        attach_random_streams(art, streams=2, seed=7)
+    assert {p.name: p.read_bytes() for p in art.iterdir() if p.is_file()} == before
+    assert check_artifact(art).ok
+
+
 def test_learn_streams_refuses_a_target_only_artifact(tmp_path):
     from typer.testing import CliRunner
 

@@ -27,7 +27,6 @@ from ..artifact import GraphEntry, read_manifest, sha256_file
 from ..errors import MirrorDeployError
 from .store import replace_manifest
 
-WEIGHTS_FILE = "draft_streams.npz"
 STREAMED_GRAPHS = ("draft_stateful", "draft_static")
 
 
@@ -116,35 +115,48 @@ def call_ratio(folder: Path, manifest, rounds: int = 15) -> float:
     return float(ms["streams × 1"] / ms["plain × 1"])
 
 
-def write_streams(folder: Path, manifest, block, report, trained_on: list[str], code_tokens: int) -> list[str]:
-    """Add a streams variant of every OpenVINO draft graph and record them; returns the graphs added."""
-    from ..export.draft_streams import streams_draft_ir
-    from ..export.openvino_ir import ir_io
+def streamed_graphs(manifest) -> list[str]:
+    """The artifact's OpenVINO draft graphs, which take streams; refused where there are none."""
     names = [n for n in STREAMED_GRAPHS if n in manifest.graphs]
     if not names:
         raise MirrorDeployError("this artifact's draft runs on ONNX Runtime only (draft.onnx); streams are "
                                 "compiled into OpenVINO drafts", "re-export with an OpenVINO draft profile (cpu, npu)")
-    old = set(manifest.draft_streams["files"]) if manifest.draft_streams else set()
+    return names
+
+
+def write_streams(folder: Path, manifest, block, report, trained_on: list[str], code_tokens: int) -> list[str]:
+    """Add a streams variant of every OpenVINO draft graph and record them; returns the graphs added.
+    New files are named by the block's weights, so a second run never writes over the files the current
+    manifest hashes: until the manifest is replaced, the artifact is the old one, whole."""
+    import hashlib
+    import tempfile
+
+    from ..export.draft_streams import streams_draft_ir
+    from ..export.openvino_ir import ir_io
+    names = streamed_graphs(manifest)
+    old = manifest.stream_files()
     for name in names:
         manifest.graphs.pop(f"{name}_streams", None)
     arrays = block.arrays()
+    tag = hashlib.sha256(b"".join(a.tobytes() for a in arrays.values())).hexdigest()[:8]
     written = []
     try:
-        weights = folder / WEIGHTS_FILE
-        tmp = folder / f".{WEIGHTS_FILE}.tmp.npz"
-        np.savez(tmp, **arrays)
-        written.append(tmp)
+        weights = folder / f"draft_streams_{tag}.npz"
+        if weights.name not in old:    # else: these very weights, hashed by the current manifest
+            tmp = Path(tempfile.mkstemp(prefix=".streams-", suffix=".npz", dir=folder)[1])
+            written.append(tmp)
+            np.savez(tmp, **arrays)
+            os.replace(tmp, weights)
+            written[-1] = weights
         vocab_ids = _head_ids(folder, manifest) if manifest.draft_vocab else None
         staged = {}
         for name in names:
             entry = manifest.graphs[name]
-            xml = folder / f"{Path(entry.file).stem}_s{report.streams}.xml"
-            streams_draft_ir(folder / entry.file, xml, arrays["w_in"], arrays["w_out"], report.streams, vocab_ids)
-            written += [xml, xml.with_suffix(".bin")]
+            xml = folder / f"{Path(entry.file).stem}_s{report.streams}_{tag}.xml"
+            if not {xml.name, xml.with_suffix(".bin").name} <= old:
+                written += [xml, xml.with_suffix(".bin")]
+                streams_draft_ir(folder / entry.file, xml, arrays["w_in"], arrays["w_out"], report.streams, vocab_ids)
             staged[name] = xml
-        os.replace(tmp, weights)
-        written[written.index(tmp)] = weights
-        files = [WEIGHTS_FILE]
         for name, xml in staged.items():
             base = manifest.graphs[name]
             inputs, outputs = ir_io(xml)
@@ -154,12 +166,11 @@ def write_streams(folder: Path, manifest, block, report, trained_on: list[str], 
             manifest.graphs[f"{name}_streams"] = GraphEntry(file=xml.name, format=base.format, sha256=sha,
                                                              inputs=inputs, outputs=outputs, layers=list(base.layers),
                                                              static=base.static, weights=base.weights)
-            files += [xml.name, xml.with_suffix(".bin").name]
             if manifest.vocab_cut(name):
                 manifest.draft_vocab["graphs"] = sorted({*manifest.draft_vocab["graphs"], f"{name}_streams"})
         manifest.draft_streams = {
-            "streams": report.streams, "file": WEIGHTS_FILE, "graphs": {n: f"{n}_streams" for n in names},
-            "files": files, "acceptance": report.acceptance, "draft_second": report.draft_second,
+            "streams": report.streams, "file": weights.name, "graphs": {n: f"{n}_streams" for n in names},
+            "acceptance": report.acceptance, "draft_second": report.draft_second,
             "train_rows": report.train_rows, "held_out_rows": report.held_out_rows, "code_tokens": code_tokens,
             "trained_on": trained_on, "train_seconds": report.train_seconds, "call_ratio": None}
         replace_manifest(folder, manifest)
@@ -184,9 +195,7 @@ def learn_streams(folder: Path, config, prompts: Path | None, new_tokens: int, c
     if not manifest.has_draft:
         raise MirrorDeployError(f"{folder} is a target-only artifact: streams are the draft's",
                                 "re-export with `mirror-deploy export TARGET --draft DRAFT`")
-    if not any(n in manifest.graphs for n in STREAMED_GRAPHS):
-        raise MirrorDeployError("this artifact's draft runs on ONNX Runtime only (draft.onnx); streams are "
-                                "compiled into OpenVINO drafts", "re-export with an OpenVINO draft profile (cpu, npu)")
+    streamed_graphs(manifest)   # refused before any training
     start = time.perf_counter()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as bar:

@@ -251,7 +251,7 @@ def write_cut(folder: Path, ranking: np.ndarray, choice: VocabChoice) -> Manifes
     if manifest.draft_vocab:
         old_files.add(manifest.draft_vocab["file"])
     if manifest.draft_streams:   # trained through the old head: dropped, `learn-streams` trains them anew
-        old_files |= set(manifest.draft_streams["files"])
+        old_files |= manifest.stream_files()
         for name in manifest.draft_streams["graphs"].values():
             manifest.graphs.pop(name, None)
         manifest.draft_streams = None
