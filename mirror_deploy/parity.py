@@ -104,12 +104,13 @@ def _adapter_rows(m: Manifest, graphs, report, rng, atol) -> None:
     """Each learned exit's ONNX graph against the translator weights it was exported from."""
     import torch
 
-    from .tuning.attach import WEIGHTS_FILE
+    from .tuning.attach import weights_file
     from .tuning.translator import load_translators
     names = [k for k in m.graphs if k.startswith("exit_adapter_")]
     if not names:
         return
-    translators = load_translators(report.folder / WEIGHTS_FILE)
+    weights = weights_file(m)
+    translators = load_translators(report.folder / weights)
     for name in names:
         layer = m.graphs[name].layers[0]
         hidden = rng.standard_normal((1, 5, m.target["hidden_size"])).astype(np.float32) * 3
@@ -118,7 +119,7 @@ def _adapter_rows(m: Manifest, graphs, report, rng, atol) -> None:
             want = translators[layer](torch.from_numpy(hidden)).numpy()
         err, limit = float(np.abs(got - want).max()), fp32_limit(want, atol)
         report.add("parity learned exit", name, err <= limit,
-                   f"ONNX vs the translator in {WEIGHTS_FILE} on 5 random rows", err, f"≤ {limit:.1e}")
+                   f"ONNX vs the translator in {weights} on 5 random rows", err, f"≤ {limit:.1e}")
 
 
 def _exit_row(m: Manifest, report, layer: int, cat: dict, lens: np.ndarray, atol: float) -> None:

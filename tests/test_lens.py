@@ -244,3 +244,42 @@ def test_learn_exit_attaches_to_an_artifact_and_stays_lossless(tmp_path):
     learned = engine.generate(prompt, G(max_new_tokens=24, exit_layer=layer, stop_at_eos=False))
     lens = engine.generate(prompt, G(max_new_tokens=24, exit_layer=layer, learned_exit=False, stop_at_eos=False))
     assert learned.tokens == expected == lens.tokens
+
+
+def test_a_second_learn_exit_replaces_the_first_and_an_interrupted_one_changes_nothing(tmp_path, monkeypatch):
+    """Adapter files are named by their content: a re-run writes beside the files the manifest hashes and
+    replaces the manifest last, so killed before that the artifact is the first run's, whole and checked;
+    finished, the first run's files are gone."""
+    from mirror_deploy.check import check_artifact
+    from mirror_deploy.export.pipeline import ExportOptions, export_artifact
+    from mirror_deploy.tuning import attach as attach_module
+
+    target, _ = build_tiny_pair(tmp_path / "m", "qwen2", target_layers=4)
+    art = export_artifact(target, None, tmp_path / "art", ExportOptions(kappa=4, max_context=128, exit_layers=[2]))
+    d = json.loads((art / "manifest.json").read_text())["target"]["hidden_size"]
+
+    def translators(seed):
+        torch.manual_seed(seed)
+        t = AffineTranslator(d)
+        torch.nn.init.normal_(t.weight, std=0.01)
+        return {2: t}
+
+    attach_module.attach(art, translators(1), None, ["a" * 64])
+    first = {p.name: p.read_bytes() for p in art.iterdir() if p.is_file()}
+
+    def interrupted(folder, manifest):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        patch.setattr(attach_module, "replace_manifest", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            attach_module.attach(art, translators(2), None, ["b" * 64])
+    assert {p.name: p.read_bytes() for p in art.iterdir() if p.is_file()} == first
+    assert check_artifact(art).ok and trained_on(art) == {"a" * 64}
+
+    attach_module.attach(art, translators(2), None, ["b" * 64])
+    now = {p.name for p in art.iterdir() if p.is_file()}
+    gone = {n for n in first if n.startswith("exit_adapter")} - now
+    assert gone and len(gone) == 3, gone       # the first run's graph, weights and prompts
+    assert check_artifact(art).ok and trained_on(art) == {"b" * 64}
+    attach_module.attach(art, translators(2), None, ["b" * 64])   # the same again: nothing to write or delete
+    assert {p.name for p in art.iterdir() if p.is_file()} == now and check_artifact(art).ok

@@ -56,15 +56,18 @@ def test_tuning_is_deterministic_for_a_seed(tuned, tmp_path, monkeypatch):
 def test_the_learned_exits_training_prompts_are_measured_last(tiny_artifacts, tmp_path):
     """Exit hit rates measured on the exits' own training text are optimistic: tune picks other prompts
     first, and says when it has to use training prompts."""
-    from mirror_deploy.tuning.attach import TRAINED_ON_FILE
+    from mirror_deploy.artifact import read_manifest
+    from mirror_deploy.tuning.attach import attach
     from mirror_deploy.tuning.calibration import prompt_sha256
+    from mirror_deploy.tuning.translator import AffineTranslator
 
     folder = _copy(tiny_artifacts["llama"], tmp_path, "art")
     prompts, _ = read_prompts()
     fitting, _, _, _ = tune.encode_prompts(Engine(folder), tune.TuneOptions(prompts=len(prompts)), folder, QUIET)
     held = {p.line for p in pick([p for p, _ in fitting], 6, seed=9)}    # one per category stays unseen
-    (folder / TRAINED_ON_FILE).write_text(json.dumps(
-        {"prompt_sha256": [prompt_sha256(p.prompt) for p in prompts if p.line not in held]}))
+    manifest = read_manifest(folder)     # identity translators, recorded as trained on all but `held`
+    attach(folder, {b: AffineTranslator(manifest.target["hidden_size"]) for b in manifest.exit_layers}, None,
+           [prompt_sha256(p.prompt) for p in prompts if p.line not in held])
     engine = Engine(folder)
     chosen, _, _, overlap = tune.encode_prompts(engine, tune.TuneOptions(prompts=6), folder, QUIET)
     assert {p.line for p, _ in chosen} == held and overlap == 0
