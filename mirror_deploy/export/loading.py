@@ -18,6 +18,18 @@ from .shapes import ModelShape
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
+def give_back_memory() -> None:
+    """Collect, then have glibc return its freed heap to the system: it keeps it otherwise (measured: 0.9
+    of the 1.45 GB an export held after freeing the 1.5B target), and the next model's peak stacks on it."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc (macOS, musl): nothing to trim
+        pass
+
+
 @dataclass
 class SourceModel:
     path: Path
@@ -41,9 +53,8 @@ class SourceModel:
 
     def release(self) -> None:
         """Drop the loaded weights (the exporter frees each model once its graphs are written)."""
-        import gc
         self.model = None
-        gc.collect()
+        give_back_memory()
 
     def load_tokenizer(self):
         where, extra = self.gguf_args()
