@@ -297,3 +297,15 @@ def test_sd_takes_lookup_beside_the_draft_where_tune_measured_it_faster(tuned, t
     assert tuned_run.tokens == plain.tokens == expected
     assert tuned_run.summary["lookup_windows"] > 0 and plain.summary["lookup_windows"] == 0
     assert EngineMethod(engine, "sd").generate(engine.encode(prompt), 24).figures["lookup_windows"] == 0
+
+
+def test_lookup_beside_stays_on_through_a_tie_and_goes_off_when_clearly_slower():
+    """Two tune runs on the real pair measured sd+lookup at 0.976x and 1.017x plain sd: a tie that flipped
+    the default. Within the tolerance it stays on; clearly slower, or unequal to AR, it is off."""
+    def measured(on, off, equal=True):
+        return {"sd": {"tokens_per_s": off}, tune.BESIDE: {"tokens_per_s": on, "equal_to_ar": equal}}
+    assert tune.lookup_choice(measured(29.73, 30.47))["sd"]["chosen"]
+    assert tune.lookup_choice(measured(31.16, 30.65))["sd"]["chosen"]
+    assert not tune.lookup_choice(measured(28.0, 30.47))["sd"]["chosen"]
+    assert not tune.lookup_choice(measured(40.0, 30.47, equal=False))["sd"]["chosen"]
+    assert not tune.lookup_choice({"sd": {"tokens_per_s": 30.0}})["sd"]["chosen"]

@@ -303,14 +303,22 @@ def _record(engine, opts, source, prompts_sha, chat, sequences, curves, overhead
     }
 
 
+# Lookup beside the draft costs nothing where it finds no match (the policy drafts with the model then)
+# and wins where the answer copies the prompt (SpecBench: sd+lookup 1.39x AR against sd's 1.26x). A few
+# check prompts cannot tell a tie: on qwen-int4-z two tune runs measured 0.976x and 1.017x. So it stays
+# on unless it measured slower by more than that spread.
+LOOKUP_TOLERANCE = 0.03
+
+
 def lookup_choice(measured: dict) -> dict:
-    """SD with lookup beside the draft becomes SD's default where it measured faster on the check prompts
-    (and equal to AR there); unmeasured, it stays off."""
+    """SD with lookup beside the draft is SD's default unless it measured clearly slower on the check
+    prompts (LOOKUP_TOLERANCE), and only where its output equalled AR's there; unmeasured, it stays off."""
     if BESIDE not in measured:
         return {"sd": {"chosen": False, "by": "not measured"}}
     on, off = measured[BESIDE]["tokens_per_s"], measured["sd"]["tokens_per_s"]
-    return {"sd": {"chosen": bool(on > off and measured[BESIDE]["equal_to_ar"]), "tokens_per_s": on,
-                   "without_tokens_per_s": off, "by": "measured on the check prompts"}}
+    chosen = on >= (1.0 - LOOKUP_TOLERANCE) * off and measured[BESIDE]["equal_to_ar"]
+    return {"sd": {"chosen": bool(chosen), "tokens_per_s": on, "without_tokens_per_s": off,
+                   "tolerance": LOOKUP_TOLERANCE, "by": "measured on the check prompts"}}
 
 
 def streams_choice(measured: dict, gamma: int | None) -> dict:
@@ -329,9 +337,11 @@ def print_tuning(data: dict, console: Console) -> None:
                   f"budget={mirror['branch_budget']}; sd: γ={sd['gamma']}; best mode: {data['choice']['best_mode']}")
     beside = (data.get("lookup_beside") or {}).get("sd", {})
     if "tokens_per_s" in beside:
+        within = (f" (on unless {beside['tolerance']:.0%} slower: a tie on a few prompts is noise)"
+                  if "tolerance" in beside else "")
         console.print(f"sd with lookup beside the draft: {beside['tokens_per_s']:.2f} tok/s against "
                       f"{beside['without_tokens_per_s']:.2f} without, so sd runs with lookup "
-                      f"{'on' if beside['chosen'] else 'off'} by default")
+                      f"{'on' if beside['chosen'] else 'off'} by default{within}")
     streamed = (data.get("streams") or {}).get("sd", {})
     if "tokens_per_s" in streamed:
         console.print(f"sd with the draft's streams (γ={streamed['gamma']}): {streamed['tokens_per_s']:.2f} tok/s against "
