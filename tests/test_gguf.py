@@ -302,6 +302,42 @@ def test_a_gguf_draft_keeps_its_blocks_in_openvino(gguf_pair, tmp_path):
             assert got.tokens == expected, (prompt, mode, schedule)
 
 
+def test_a_pulled_gguf_draft_is_traced_without_its_weights_and_checked_against_its_checkpoint(gguf_pair, tmp_path,
+                                                                                              monkeypatch):
+    """The stateful draft of a GGUF draft is traced with no weight data (its fp32 checkpoint is never loaded);
+    its GGUF tensors go in by name, each compared with the pulled checkpoint it dequantizes to. A checkpoint
+    of another GGUF with the same shapes is refused, and nothing is written."""
+    from mirror_deploy.export import pipeline
+    from mirror_deploy.export.loading import SourceModel
+    target, _, _ = gguf_pair
+    draft_gguf = write_tiny_gguf(tmp_path / "draft.gguf", MIXED_TYPES, seed=3)
+    other = write_tiny_gguf(tmp_path / "other.gguf", MIXED_TYPES, seed=4)
+    for name, source in (("pulled", draft_gguf), ("other", other)):    # a checkpoint as `models pull` makes it
+        AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=source.name, dtype=torch.float32).save_pretrained(
+            tmp_path / name)
+    monkeypatch.setattr(pipeline, "gguf_file_of", lambda path, role: target if role == "target" else draft_gguf)
+
+    def no_dense_draft(self):
+        raise AssertionError(f"{self.path} loaded as a dense PyTorch model")
+    with monkeypatch.context() as export_only:     # (check's parity rows load the reference models)
+        export_only.setattr(SourceModel, "load_model", no_dense_draft)
+        art = export_artifact(target, tmp_path / "pulled", tmp_path / "art",
+                              ExportOptions(target_weights="gguf", draft_weights="gguf", **OPTS), QUIET)
+    report = check_artifact(art)
+    assert report.ok, [r for r in report.rows if r.result == FAIL]
+    assert any(r.check == "fused attention" and r.graph == "draft_stateful" for r in report.rows)
+    engine = Engine(art)
+    for prompt in PROMPTS[:2]:
+        expected = engine.generate(prompt, G(max_new_tokens=12, mode="ar", stop_at_eos=False)).tokens
+        for mode, schedule in SPEC_MODES:
+            got = engine.generate(prompt, G(max_new_tokens=12, mode=mode, schedule=schedule, stop_at_eos=False))
+            assert got.tokens == expected, (prompt, mode, schedule)
+    with pytest.raises(MirrorDeployError, match="not equal to its tensor .*not this GGUF's dequantization"):
+        export_artifact(target, tmp_path / "other", tmp_path / "art2",
+                        ExportOptions(target_weights="gguf", draft_weights="gguf", **OPTS), QUIET)
+    assert not (tmp_path / "art2").exists()
+
+
 def test_a_draft_checkpoint_that_is_not_its_gguf_is_refused(gguf_pair, tmp_path):
     from mirror_deploy import models
     target, draft_folder, _ = gguf_pair

@@ -9,9 +9,11 @@ Q5_K) fold it into a float zero point, center − offset / scale: OpenVINO's pat
 one fp32 rounding. The draft only proposes tokens; the target verifies every one, so this changes
 acceptance at most, never the output.
 
-Each GGUF tensor is matched to the graph by value: its dequantization must equal a dense constant of the
-traced checkpoint bit for bit (a pulled checkpoint is that dequantization). A quantized tensor with no such
-constant means the checkpoint is not this GGUF's, which is refused.
+Here each GGUF tensor is matched to the graph by value: its dequantization must equal a dense constant of
+the traced checkpoint bit for bit (a pulled checkpoint is that dequantization). A quantized tensor with no
+such constant means the checkpoint is not this GGUF's, which is refused. This route serves the static (NPU)
+draft and models whose GGUF permutes q/k rows; the stateful draft is traced without weights and takes its
+tensors by name (gguf_draft.py).
 """
 from __future__ import annotations
 
@@ -93,6 +95,13 @@ def _rewire(op, index: int, transposed: bool, weight: ov.Output) -> None:
     op.input(index).replace_source_output(weight)
 
 
+def unmappable(name: str, kind: str, gguf_file: Path) -> MirrorDeployError:
+    return MirrorDeployError(f"GGUF tensor {name} of {gguf_file.name} is {kind}, which has no mapping to "
+                             f"OpenVINO's compressed weights here (mapped: {', '.join(MAPPERS)})",
+                             "re-quantize the draft to Q4_K_M / Q8_0 with llama-quantize, or export with "
+                             "--draft-weights int4")
+
+
 def keep_gguf_blocks(model: ov.Model, gguf_file: Path) -> ov.Model:
     """Swap each dense weight of `model` that a quantized tensor of `gguf_file` dequantizes to for that
     tensor's blocks. Edits `model` in place and returns it."""
@@ -106,10 +115,7 @@ def keep_gguf_blocks(model: ov.Model, gguf_file: Path) -> ov.Model:
         if kind in DENSE or len(tensor.shape) != 2:
             continue
         if kind not in MAPPERS:
-            raise MirrorDeployError(f"GGUF tensor {tensor.name} of {gguf_file.name} is {kind}, which has no "
-                                    f"mapping to OpenVINO's compressed weights here (mapped: {', '.join(MAPPERS)})",
-                                    "re-quantize the draft to Q4_K_M / Q8_0 with llama-quantize, or export "
-                                    "with --draft-weights int4")
+            raise unmappable(tensor.name, kind, gguf_file)
         n, k = (int(d) for d in reversed(tensor.shape))
         blocks = read_blocks(_read(gguf_file, tensor), kind, (n, k), tensor.name)
         dense = blocks.dequantize()

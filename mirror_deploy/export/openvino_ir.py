@@ -8,6 +8,7 @@ import openvino as ov
 
 from ..errors import MirrorDeployError
 from ..runtimes.openvino import port_name, reshape_static
+from .shapes import WEIGHT_INPUT
 
 WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4", "gguf")   # gguf: the draft's GGUF blocks, kept (openvino_gguf.py)
 
@@ -65,29 +66,39 @@ def make_stateful_draft(model: ov.Model) -> ov.Model:
     the CPU plugin did not fuse ScaledDotProductAttention here (measured, OpenVINO 2026.4)."""
     from optimum.exporters.openvino.stateful import fuse_cache_reorder, make_stateful
 
-    names = [port_name(p) for p in model.inputs]
+    weights = [p for p in model.inputs if port_name(p).startswith(WEIGHT_INPUT)]   # static; filled in later
+    inputs = [p for p in model.inputs if p not in weights]
+    names = [port_name(p) for p in inputs]
     pinned = {}
-    for port, name in zip(model.inputs, names):
+    for port, name in zip(inputs, names):
         dims = port.get_partial_shape()
         if name.startswith("past_"):
             dims = ov.PartialShape([1, dims[1], -1, dims[3]])
         elif len(dims) > 1:
             dims = ov.PartialShape([1, *dims[1:]])
         pinned[name] = dims
-    model.reshape(pinned)
+    if any(port.get_partial_shape() != pinned[name] for port, name in zip(inputs, names)):
+        model.reshape(pinned)   # (its smart-reshape passes also rewrite Reshape shapes: only when needed)
     past = [n for n in names if n.startswith("past_")]
     present = [port_name(p) for p in model.outputs if port_name(p).startswith("present_")]
     if len(past) != len(present) or not past:
         raise RuntimeError(f"stateful draft: {len(past)} past inputs but {len(present)} present outputs")
-    others = [p for p, n in zip(model.inputs, names) if not n.startswith("past_")]
+    others = [p for p, n in zip(inputs, names) if not n.startswith("past_")]
     fuse_cache_reorder(model, others, past, gather_dim=0)
     make_stateful(model, others, past, present, batch_dim=0)
     return model
 
 
-def convert_stateful_draft(onnx_path: Path, xml_path: Path, weights: str, gguf: Path | None = None) -> Path:
-    model = make_stateful_draft(ov.convert_model(str(onnx_path)))
-    model = compress(model, weights, gguf=gguf)
+def convert_stateful_draft(onnx_path: Path, xml_path: Path, weights: str, gguf: Path | None = None,
+                           weights_in=None) -> Path:
+    """`weights_in`: for a graph traced without its weights (gguf_draft.py), the function that puts them in
+    (by name, from the GGUF); it runs before the inputs are made state, and no compression follows."""
+    # Made stateful first: its reshape rewrites Reshape shapes (OpenVINO's smart reshape), which must not
+    # touch the weights' decompression pattern.
+    if weights_in is not None:
+        model = make_stateful_draft(weights_in(ov.convert_model(str(onnx_path))))
+    else:
+        model = compress(make_stateful_draft(ov.convert_model(str(onnx_path))), weights, gguf=gguf)
     ov.save_model(model, str(xml_path), compress_to_fp16=(weights == "fp16"))
     return xml_path
 

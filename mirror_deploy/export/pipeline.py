@@ -9,6 +9,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from ..errors import MirrorDeployError
 from ..targets import Profile, load_profile
 from .fused_target import build_fused_head, build_fused_segment, fused_unsupported
 from .gguf_model import gguf_file_of, load_gguf_model, published_table
+from . import gguf_draft
 from .graphs import FullModel, StatefulDraft, TargetHead, TargetSegment
 from .loading import SourceModel, open_source
 from .onnx_export import convert_to_fp16, export_graph, graph_files, quantize_matmuls, read_io, trace
@@ -293,22 +295,34 @@ def _export_draft(draft: SourceModel, opts: ExportOptions, needed: set[str], sta
     IR is converted from the explicit-K/V ONNX, which is then kept only if a profile runs it."""
     graphs: dict[str, GraphEntry] = {}
     nd = draft.shape.num_layers
-    with step(f"loading draft {draft.path.name}"):
-        draft_model = draft.load_model()
+    # A GGUF draft's stateful graph is traced without its weights, which go in by name from the file
+    # (gguf_draft.py): the fp32 weights are loaded only for a graph that needs them.
+    weightless = "draft_stateful" in needed and opts.draft_weights == "gguf" and gguf_draft.applies(draft)
+    draft_model = None
+    if needed & {"draft", "draft_static"} or ("draft_stateful" in needed and not weightless):
+        with step(f"loading draft {draft.path.name}"):
+            draft_model = draft.load_model()
     if needed & {"draft", "draft_static"}:
         graphs.update(_export_parts([("draft", FullModel(draft.arch, draft_model, 0, nd, draft_top_m(draft.shape)),
                                       draft, range(0, nd), "fp32")], stage, step, opts.kappa))
     scratch = Path(tempfile.mkdtemp(prefix="stateful-", dir=stage))
     try:
+        weights_in = None
         if "draft_stateful" in needed:
-            with step("tracing the stateful draft"):
-                traced = trace_stateful_draft(scratch, draft, draft_model)
+            with step("tracing the stateful draft" + (" (weights left out)" if weightless else "")):
+                if weightless:
+                    traced, names = gguf_draft.trace_weightless(scratch, draft)
+                    weights_in = partial(gguf_draft.keep_gguf_weights, weight_names=names,
+                                         gguf_file=draft.gguf_weights, draft=draft)
+                else:
+                    traced = trace_stateful_draft(scratch, draft, draft_model)
         del draft_model   # the PyTorch weights go before OpenVINO loads the traced ones
         draft.release()
         if "draft_stateful" in needed:
-            with step(f"compiling the stateful draft to OpenVINO IR ({opts.draft_weights} weights)"):
+            how = "gguf weights, by name" if weightless else f"{opts.draft_weights} weights"
+            with step(f"compiling the stateful draft to OpenVINO IR ({how})"):
                 xml = convert_stateful_draft(traced, stage / "draft_stateful.xml", opts.draft_weights,
-                                             draft.gguf_weights)
+                                             draft.gguf_weights, weights_in)
                 graphs["draft_stateful"] = _graph_entry(stage, xml, range(0, nd), "openvino", weights=opts.draft_weights)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
