@@ -44,7 +44,7 @@ def random_blocks(rng, gguf_type: str, rows: int, cols: int, spread: float) -> n
 
 def write_tiny_gguf(path: Path, types: dict[str, str] = MIXED_TYPES, layers: int = 2, hidden: int = 256,
                     ffn: int = 512, vocab: int = 128, heads: int = 4, kv_heads: int = 2, seed: int = 0,
-                    context: int = 4096) -> Path:
+                    context: int = 4096, token_prefix: str = "t") -> Path:
     """A qwen2 GGUF (tied head unless `types` names "output") of random blocks of the given types."""
     import gguf
     rng = np.random.default_rng(seed)
@@ -59,7 +59,7 @@ def write_tiny_gguf(path: Path, types: dict[str, str] = MIXED_TYPES, layers: int
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-6)
     w.add_tokenizer_model("gpt2")
-    w.add_token_list([f"<t{i}>" for i in range(vocab)])
+    w.add_token_list([f"<{token_prefix}{i}>" for i in range(vocab)])
     w.add_token_types([1] * vocab)
     w.add_token_merges([])
     w.add_eos_token_id(1)

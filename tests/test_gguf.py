@@ -338,6 +338,22 @@ def test_a_pulled_gguf_draft_is_traced_without_its_weights_and_checked_against_i
     assert not (tmp_path / "art2").exists()
 
 
+def test_two_gguf_files_are_compared_by_their_token_lists(gguf_pair, tmp_path):
+    """A target and a draft given as .gguf files: their vocabularies are read from the headers (equal to
+    gguf-py's reading), and a draft whose tokens differ is refused before anything is written."""
+    from gguf import GGUFReader
+
+    from mirror_deploy.export.gguf_model import gguf_tokens
+    target, _, _ = gguf_pair
+    field = GGUFReader(target).fields["tokenizer.ggml.tokens"]
+    assert gguf_tokens(target) == [bytes(field.parts[i]) for i in field.data]
+    other = write_tiny_gguf(tmp_path / "other.gguf", MIXED_TYPES, seed=3, token_prefix="u")
+    with pytest.raises(MirrorDeployError, match="different ids"):
+        export_artifact(target, other, tmp_path / "art", ExportOptions(target_weights="gguf", draft_weights="gguf",
+                                                                       **OPTS), QUIET)
+    assert not (tmp_path / "art").exists()
+
+
 def test_a_draft_checkpoint_that_is_not_its_gguf_is_refused(gguf_pair, tmp_path):
     from mirror_deploy import models
     target, draft_folder, _ = gguf_pair
