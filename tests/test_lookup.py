@@ -165,3 +165,55 @@ def test_lookup_beside_a_one_token_model_window_still_verifies_long_copies(tiny_
     lookup_windows = [s.window for s in result.metrics.steps if s.source == "lookup"]
     assert max(lookup_windows) > 1, lookup_windows
     assert all(s.window <= 1 for s in result.metrics.steps if s.source == "draft")
+
+
+def test_mirror_beside_lookup_prices_a_free_branch_at_the_branching_steps_time():
+    """Mirror's branches run beside the suffix: on shared cores (`cpu`) they slow it, so a branch already
+    rolled out is not free. Timed apart from plain steps, a model whose branching steps cost more than
+    they give idles (the run goes on as lookup alone would); on its own core it keeps drafting."""
+    from mirror_deploy.decoding.lookup import LookupDraft, LookupWindow
+    from mirror_deploy.decoding.lookup_beside import LookupBeside
+    from mirror_deploy.decoding.metrics import StepRecord
+
+    class Model:
+        static_seq, graph, pending = None, None, []
+
+        def reset(self):
+            pass
+
+    def beside(branching_ms: float) -> LookupBeside:
+        b = LookupBeside(Model(), LookupDraft(LookupWindow(4, prior_ratio=[1.0, 1.0, 1.4, 1.5, 1.6])), 4)
+        b.mirror = True
+        for _ in range(10):
+            b.observe_step(StepRecord(0, 1, window=0, t_prefix=0.010, t_suffix=0.020))        # a plain step: 30 ms
+            b.observe_step(StepRecord(1, 2, window=1, branches=3, t_prefix=0.010,
+                                      t_suffix=branching_ms / 1000 - 0.010))
+        return b
+    assert not beside(80.0)._model_pays(1, free=True)   # ~1.7 tokens in 80 ms against 1 in 30 ms
+    assert beside(32.0)._model_pays(1, free=True)
+    sd = beside(80.0)
+    sd.mirror = False                                    # SD's windows never branch: priced as plain steps
+    assert sd._model_pays(1, free=False)
+
+
+def test_mirror_beside_lookup_prices_plain_steps_from_tune_before_it_has_timed_one():
+    """Tuned, a plain step (a lookup window, an autoregressive step) is priced from tune's curves until the
+    run has timed one: priced at the branching steps' time instead, lookup lost every comparison and no
+    plain step was ever timed (mt_bench: 36 branching steps, no lookup window; lookup alone took 19)."""
+    from mirror_deploy.decoding.lookup import LookupDraft, LookupWindow
+    from mirror_deploy.decoding.lookup_beside import LookupBeside
+    from mirror_deploy.decoding.metrics import StepRecord
+
+    class Model:
+        static_seq, graph, pending = None, None, []
+
+        def reset(self):
+            pass
+
+    tuned = LookupWindow(4, prior_seconds=np.array([0.030, 0.030, 0.042, 0.045, 0.048]))
+    b = LookupBeside(Model(), LookupDraft(tuned), 4)
+    b.mirror = True
+    for _ in range(10):                                   # only branching steps, 80 ms each
+        b.observe_step(StepRecord(1, 2, window=1, branches=3, t_prefix=0.010, t_suffix=0.070))
+    assert b._seconds(False)[0] == pytest.approx(0.030) and b._seconds(True)[1] == pytest.approx(0.080, rel=0.1)
+    assert not b._model_pays(1, free=True)

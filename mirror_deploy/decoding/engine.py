@@ -15,7 +15,7 @@ from ..runtimes.loader import open_draft, open_target
 from ..targets import Profile, load_profile
 from .config import DEFAULT_MODE, GenerationConfig
 from .draft import DraftRunner
-from .lookup import LookupDraft, LookupWindow, tuned_step_ratios
+from .lookup import LookupDraft, LookupWindow, tuned_step_seconds
 from .lookup_beside import LookupBeside
 from .loops import autoregressive, speculative
 from .metrics import RunMetrics
@@ -146,7 +146,7 @@ class Engine:
     def _lookup_window(self, gamma: int) -> LookupWindow:
         """Lookup's window chooser, its step costs starting from `tune`'s curves where tuned for this profile."""
         tuned = tuned_for(self.tuning, self.profile.name)
-        return LookupWindow(gamma, tuned_step_ratios(self.tuning, gamma) if tuned else None)
+        return LookupWindow(gamma, prior_seconds=tuned_step_seconds(self.tuning, gamma) if tuned else None)
 
     def require_draft(self, mode: str) -> None:
         """sd and mirror run the draft model: refuse them, before any work, where there is none."""

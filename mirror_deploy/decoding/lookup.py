@@ -72,9 +72,11 @@ class StepCosts:
     decayed means, each starting from a prior ratio to the one-row step (the tuned curves', else a
     per-row slope) with the weight of two observations."""
 
-    def __init__(self, gamma: int, prior_ratio: np.ndarray | None = None, decay: float = 0.9, weight: float = 2.0):
+    def __init__(self, gamma: int, prior_ratio: np.ndarray | None = None, decay: float = 0.9, weight: float = 2.0,
+                 absolute: bool = False):
         self.prior = np.asarray(prior_ratio if prior_ratio is not None
                                 else 1.0 + PRIOR_ROW_COST * np.arange(gamma + 1), np.float64)
+        self.absolute = absolute   # the prior is in seconds (tune's curves), not only a ratio
         self.sums, self.seen = np.zeros(gamma + 1), np.zeros(gamma + 1)
         self.decay, self.weight = decay, weight
 
@@ -97,9 +99,9 @@ class StepCosts:
         return seconds / seconds[0]
 
 
-def tuned_step_ratios(tuning: dict, gamma: int) -> np.ndarray:
-    """[L] a step verifying L tokens over a one-row step, from `tune`'s curves at the middle of the
-    contexts it measured; lengths past the rows it measured grow by its last row's cost."""
+def tuned_step_seconds(tuning: dict, gamma: int) -> np.ndarray:
+    """[L] seconds of a step verifying L tokens (the target alone), from `tune`'s curves at the middle of
+    the contexts it measured; lengths past the rows it measured grow by its last row's cost."""
     c = Curves(tuning["curves_ms"])
     ctx = np.asarray(float(np.mean(c.data["contexts"])))
     over = tuning["overhead_ms_per_step"]
@@ -109,7 +111,7 @@ def tuned_step_ratios(tuning: dict, gamma: int) -> np.ndarray:
         ms.append(float(latency.target_window_ms(c, length, ctx)) + over["sd"])
     step = ms[-1] - ms[-2] if len(ms) > 1 else PRIOR_ROW_COST * ms[0]
     ms += [ms[-1] + step * k for k in range(1, gamma + 2 - len(ms))]
-    return np.asarray(ms) / ms[0]
+    return np.asarray(ms) / 1000.0
 
 
 class LookupWindow:
@@ -117,9 +119,10 @@ class LookupWindow:
     only caps the window at γ; `choose` cuts each proposal to the length with the most expected tokens
     per second, by match length n and the run's measured step costs (0: an autoregressive step)."""
 
-    def __init__(self, gamma: int, prior_ratio: np.ndarray | None = None):
+    def __init__(self, gamma: int, prior_ratio: np.ndarray | None = None, prior_seconds: np.ndarray | None = None):
         self.gamma, self.budget = gamma, 0
-        self.costs = StepCosts(gamma, prior_ratio)
+        self.costs = (StepCosts(gamma, prior_seconds, absolute=True) if prior_seconds is not None
+                      else StepCosts(gamma, prior_ratio))
         self.accept = {n: DecayedRate(np.full(gamma, p)) for n, p in PRIOR_ACCEPTANCE.items()}
         self.last_n = 0
 

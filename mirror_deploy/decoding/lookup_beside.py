@@ -8,9 +8,11 @@ wait in its `pending` list and are fed in one call when it drafts again, so that
 call. A branch the model already holds is always kept (it cost nothing on the step's path).
 
 Both values come from the run's own figures: acceptance per depth of each source (lookup's per match
-length), the target's step time per window length, and the model's time per drafted token. Exactness is
-untouched: whichever source proposed it, the target verifies the window with the same rule (a lookup
-token is a one-hot draft).
+length), the target's step time per window length, and the model's time per drafted token. Mirror's steps
+that branch are timed apart from the others: where draft and target share cores (the `cpu` profile) the
+branches slow the suffix, so a branch already rolled out is not free, and a plain step or a lookup window
+(which never branch) must not be priced at that slower time. Exactness is untouched: whichever source
+proposed it, the target verifies the window with the same rule (a lookup token is a one-hot draft).
 
 Where neither window is worth more than a plain autoregressive step (the model's drafting measured
 dearer than what it saves, and no lookup match worth a window), the step is autoregressive and the model
@@ -25,6 +27,7 @@ import numpy as np
 from .config import GenerationConfig
 from .draft import BranchRun, DraftRunner, Window
 from .lookup import LookupDraft
+from .lookup import StepCosts
 from .policy import DecayedRate
 
 MODEL_PRIOR_ACCEPTANCE = 0.7   # the real 0.5B draft accepts ~80% of first tokens (tune's replays)
@@ -46,12 +49,18 @@ class LookupBeside:
         self.model_accept = DecayedRate(np.full(gamma, MODEL_PRIOR_ACCEPTANCE))
         self.reset()
 
+    def _fresh_costs(self) -> StepCosts:
+        prior = self.chooser.costs.prior
+        return StepCosts(len(prior) - 1, prior, absolute=self.chooser.costs.absolute)
+
     def reset(self) -> None:
         self.model.reset()
         self.lookup.reset()
         self.source = "model"
         self.model_token_s: float | None = None   # decayed mean seconds of one fresh draft token
         self.idle_steps = 0                         # autoregressive steps chosen over the model in a row
+        self.mirror = False                         # this run's model windows branch (Mirror)
+        self.branched = self._fresh_costs()         # seconds of steps that ran Mirror's branches beside them
 
     @property
     def pending(self) -> list[int]:
@@ -72,8 +81,20 @@ class LookupBeside:
         return self.model.roll_out_branches(*args, **kwargs)
 
     def observe_step(self, record) -> None:
-        """A finished step's target time, by the length of the window it verified."""
-        self.chooser.costs.add(record.window, record.t_prefix + record.t_suffix)
+        """A finished step's time on the path, by the length of the window it verified: the target's, plus
+        for a step that branched the wait for its branches."""
+        if record.branches:
+            self.branched.add(record.window, record.t_prefix + record.t_suffix + record.t_draft_on_path)
+        else:
+            self.chooser.costs.add(record.window, record.t_prefix + record.t_suffix)
+
+    def _seconds(self, branched: bool) -> np.ndarray:
+        """[L] a step's seconds, branching beside it or not. Without evidence of one kind: tune's curves
+        where tuned (the target alone), else the other kind's. (A plain step priced at the branching
+        steps' time made lookup lose every comparison, so no plain step was ever timed: mt_bench ran 36
+        branching steps and no lookup window, where lookup alone took 19.)"""
+        own, other = (self.branched, self.chooser.costs) if branched else (self.chooser.costs, self.branched)
+        return (own if own.seen.any() or own.absolute or not other.seen.any() else other).seconds()
 
     # -- the choice ---------------------------------------------------------------------------
     def _lookup_window(self) -> tuple[Window, float]:
@@ -89,13 +110,14 @@ class LookupBeside:
         if length == 0:
             return self._value(1.0, 0, 0.0)
         expected = self.model_accept.expected_tokens()[length]
-        return self._value(expected, length, 0.0 if free else length * (self.model_token_s or 0.0))
+        return self._value(expected, length, 0.0 if free else length * (self.model_token_s or 0.0), self.mirror)
 
     def _model_pays(self, length: int, free: bool) -> bool:
         """Is the model's window worth more than an autoregressive step (or is a probe due)? It idles
         only when clearly not (IDLE_BELOW): an idle model learns nothing until its next probe, so a
-        near-tie decided by noise cost up to PROBE_EVERY steps of drafting that paid (translation)."""
-        if free or not length or self._model_value(length) >= IDLE_BELOW * self._model_value(0):
+        near-tie decided by noise cost up to PROBE_EVERY steps of drafting that paid (translation). A
+        branch already rolled out is weighed too: its steps are priced at the branching steps' time."""
+        if not length or self._model_value(length, free) >= IDLE_BELOW * self._model_value(0):
             self.idle_steps = 0
             return True
         self.idle_steps += 1
@@ -104,13 +126,14 @@ class LookupBeside:
             return True
         return False
 
-    def _value(self, expected: float, length: int, draft_s: float) -> float:
-        step = self.chooser.costs.seconds()
+    def _value(self, expected: float, length: int, draft_s: float, branched: bool = False) -> float:
+        step = self._seconds(branched)
         return expected / (step[min(length, len(step) - 1)] + draft_s)
 
     # -- the loop's calls ---------------------------------------------------------------------
     def rollout_fresh(self, root: int, root_pos: int, gamma: int, cfg: GenerationConfig, window_id: int,
                       missing: list[int] = ()) -> Window:
+        self.mirror = cfg.mode == "mirror"
         self.lookup.index.extend([*missing, root])
         window, value = self._lookup_window()
         if window.tokens and value >= self._model_value(gamma):
@@ -121,6 +144,7 @@ class LookupBeside:
 
     def advance(self, accepted: int, correction: int, drafts: list[int], root_pos: int, length: int,
                 cfg: GenerationConfig, window_id: int, run: BranchRun | None = None) -> tuple[Window, bool]:
+        self.mirror = cfg.mode == "mirror"
         if drafts:
             if self.source == "lookup":
                 self.chooser.observe(accepted, len(drafts))
