@@ -270,6 +270,15 @@ def test_bad_gguf_requests_are_refused_before_writing(gguf_pair, tmp_path):
     assert not any(tmp_path.glob("[abc]*")) and not any(tmp_path.glob(".[abc]*"))
 
 
+def _every_mode_equals_ar(art) -> None:
+    engine = Engine(art)
+    for prompt in PROMPTS[:2]:
+        expected = engine.generate(prompt, G(max_new_tokens=12, mode="ar", stop_at_eos=False)).tokens
+        for mode, schedule in SPEC_MODES:
+            got = engine.generate(prompt, G(max_new_tokens=12, mode=mode, schedule=schedule, stop_at_eos=False))
+            assert got.tokens == expected, (prompt, mode, schedule)
+
+
 def test_a_gguf_draft_keeps_its_blocks_in_openvino(gguf_pair, tmp_path):
     """`--draft-weights gguf`: every weight of the OpenVINO draft is its GGUF tensor's blocks (u4/u8 codes
     the CPU plugin multiplies compressed), `check` compares them with gguf-py's dequantization per type,
@@ -294,12 +303,7 @@ def test_a_gguf_draft_keeps_its_blocks_in_openvino(gguf_pair, tmp_path):
     assert report.ok, [r for r in report.rows if r.result == FAIL]
     rows = {r.graph for r in report.rows if r.check == "gguf weights" and r.graph.startswith("draft")}
     assert rows == {f"{g} {t}" for g in ("draft_stateful", "draft_static") for t in set(MIXED_TYPES.values())}
-    engine = Engine(art)
-    for prompt in PROMPTS[:2]:
-        expected = engine.generate(prompt, G(max_new_tokens=12, mode="ar", stop_at_eos=False)).tokens
-        for mode, schedule in SPEC_MODES:
-            got = engine.generate(prompt, G(max_new_tokens=12, mode=mode, schedule=schedule, stop_at_eos=False))
-            assert got.tokens == expected, (prompt, mode, schedule)
+    _every_mode_equals_ar(art)
 
 
 def test_a_pulled_gguf_draft_is_traced_without_its_weights_and_checked_against_its_checkpoint(gguf_pair, tmp_path,
@@ -326,12 +330,7 @@ def test_a_pulled_gguf_draft_is_traced_without_its_weights_and_checked_against_i
     report = check_artifact(art)
     assert report.ok, [r for r in report.rows if r.result == FAIL]
     assert any(r.check == "fused attention" and r.graph == "draft_stateful" for r in report.rows)
-    engine = Engine(art)
-    for prompt in PROMPTS[:2]:
-        expected = engine.generate(prompt, G(max_new_tokens=12, mode="ar", stop_at_eos=False)).tokens
-        for mode, schedule in SPEC_MODES:
-            got = engine.generate(prompt, G(max_new_tokens=12, mode=mode, schedule=schedule, stop_at_eos=False))
-            assert got.tokens == expected, (prompt, mode, schedule)
+    _every_mode_equals_ar(art)
     with pytest.raises(MirrorDeployError, match="not equal to its tensor .*not this GGUF's dequantization"):
         export_artifact(target, tmp_path / "other", tmp_path / "art2",
                         ExportOptions(target_weights="gguf", draft_weights="gguf", **OPTS), QUIET)
