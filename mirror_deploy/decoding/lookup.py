@@ -69,8 +69,8 @@ class NgramIndex:
 
 class StepCosts:
     """Seconds of a step that verifies L draft tokens (L = 0: autoregressive), from the run's own steps:
-    decayed means, each starting from a prior ratio to the one-row step (the tuned curves', else a
-    per-row slope) with the weight of two observations."""
+    decayed means, each starting from a prior with the weight of two observations: the tuned curves' seconds
+    (`absolute`), else a ratio to the one-row step (a per-row slope)."""
 
     def __init__(self, gamma: int, prior_ratio: np.ndarray | None = None, decay: float = 0.9, weight: float = 2.0,
                  absolute: bool = False):
@@ -86,8 +86,8 @@ class StepCosts:
             self.seen[length] = self.decay * self.seen[length] + 1.0
 
     def seconds(self) -> np.ndarray:
-        """[L] a step's seconds: measured where the run has seen that length, elsewhere the prior ratio
-        times the one-row step that the measured lengths imply (before any step: the prior ratio)."""
+        """[L] a step's seconds: measured where the run has seen that length, elsewhere the prior scaled to
+        what the measured lengths imply (before any step: the prior itself, seconds only if `absolute`)."""
         if not self.seen.any():
             return self.prior.copy()
         base = self.sums.sum() / (self.seen * self.prior).sum()

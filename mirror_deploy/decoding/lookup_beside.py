@@ -26,8 +26,7 @@ import numpy as np
 
 from .config import GenerationConfig
 from .draft import BranchRun, DraftRunner, Window
-from .lookup import LookupDraft
-from .lookup import StepCosts
+from .lookup import LookupDraft, StepCosts
 from .policy import DecayedRate
 
 MODEL_PRIOR_ACCEPTANCE = 0.7   # the real 0.5B draft accepts ~80% of first tokens (tune's replays)

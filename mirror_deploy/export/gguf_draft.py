@@ -18,6 +18,7 @@ import json
 import struct
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import openvino as ov
@@ -28,8 +29,10 @@ from ..errors import MirrorDeployError
 from .gguf_model import GGUF_MODEL_TYPES, _PERMUTED_QK, _read, _rebuild_rotary
 from .gguf_weights import DENSE, MAPPERS, read_blocks
 from .graphs import StatefulDraft
-from .openvino_gguf import NAME_PREFIX, decompressed, unmappable
-from .shapes import WEIGHT_INPUT, draft_top_m, dynamic_axes, graph_io
+from .openvino_gguf import NAME_PREFIX, decompressed, rewire, unmappable
+from .shapes import draft_top_m, dynamic_axes, graph_io
+
+WEIGHT_INPUT = "weight:"   # a weight traced as a graph input: weight:<HF parameter name>
 
 
 def applies(draft) -> bool:
@@ -144,9 +147,8 @@ def keep_gguf_weights(model: ov.Model, weight_names: dict[str, str], gguf_file: 
                                 f"{[int(d) for d in reversed(tensor.shape)]}")
         weight, dense = _gguf_weight(gguf_file, tensor, shape)
         if checkpoint is not None:
-            _same_as_checkpoint(checkpoint, hf, dense, gguf_file)
-        del dense
-        _rewire(param.output(0), weight)
+            _same_as_checkpoint(checkpoint, hf, dense(), gguf_file)
+        _take_weight(param.output(0), weight)
         model.remove_parameter(param)
     model.validate_nodes_and_infer_types()
     # The conversion's own passes (ScaledDotProductAttention fusion among them) could not match with the
@@ -157,18 +159,18 @@ def keep_gguf_weights(model: ov.Model, weight_names: dict[str, str], gguf_file: 
     return model
 
 
-def _gguf_weight(gguf_file: Path, tensor, shape: tuple[int, ...]) -> tuple[ov.Output, np.ndarray]:
-    """The graph's weight for `tensor` and its dense value (for the checkpoint comparison)."""
+def _gguf_weight(gguf_file: Path, tensor, shape: tuple[int, ...]) -> tuple[ov.Output, Callable[[], np.ndarray]]:
+    """The graph's weight for `tensor`, and its dense value on demand (for a checkpoint comparison only)."""
     kind = tensor.tensor_type.name
     if kind in DENSE:
         dense = np.asarray(_read(gguf_file, tensor), dtype=np.float32).reshape(shape)
-        return ops.constant(dense).output(0), dense
+        return ops.constant(dense).output(0), lambda: dense
     if kind not in MAPPERS or len(shape) != 2:
         raise unmappable(tensor.name, kind, gguf_file)
     blocks = read_blocks(_read(gguf_file, tensor), kind, shape, tensor.name)
     weight = decompressed(blocks)
     weight.get_node().set_friendly_name(NAME_PREFIX + tensor.name)
-    return weight, blocks.dequantize()
+    return weight, blocks.dequantize
 
 
 def _same_as_checkpoint(checkpoint: Checkpoint, hf: str, dense: np.ndarray, gguf_file: Path) -> None:
@@ -185,21 +187,17 @@ def _not_its_gguf(what: str) -> MirrorDeployError:
                              "pull` made of it")
 
 
-def _rewire(source: ov.Output, weight: ov.Output) -> None:
+def _take_weight(source: ov.Output, weight: ov.Output) -> None:
     """Every use of a weight input takes `weight`. A projection, traced as MatMul(x, Transpose(W)), becomes
-    MatMul(x, W, transpose_b): the pattern the CPU plugin multiplies compressed."""
+    MatMul(x, W, transpose_b) (openvino_gguf.rewire): the pattern the CPU plugin multiplies compressed."""
     for use in list(source.get_target_inputs()):
         node = use.get_node()
         matmuls = [u.get_node() for u in node.output(0).get_target_inputs()] if node.get_type_name() == "Transpose" else []
         order = node.input_value(1).get_node() if matmuls else None
         if (matmuls and order.get_type_name() == "Constant" and list(order.get_data()) == [1, 0]
-                and all(m.get_type_name() == "MatMul" and m.input_value(1).get_node() is node for m in matmuls)):
+                and all(m.get_type_name() == "MatMul" and m.input_value(1).get_node() is node
+                        and not m.get_attributes().get("transpose_b") for m in matmuls)):
             for matmul in matmuls:
-                attrs = matmul.get_attributes()
-                new = ops.matmul(matmul.input_value(0), weight, attrs.get("transpose_a", False),
-                                 not attrs.get("transpose_b", False))
-                new.set_friendly_name(matmul.get_friendly_name())
-                for target in list(matmul.output(0).get_target_inputs()):
-                    target.replace_source_output(new.output(0))
+                rewire(matmul, 1, True, weight)
             continue
         use.replace_source_output(weight)

@@ -84,7 +84,7 @@ def _matches(const, transposed: bool, dense: np.ndarray) -> bool:
     return np.array_equal(data[0, :_PROBE], dense[0, :_PROBE]) and np.array_equal(data, dense)
 
 
-def _rewire(op, index: int, transposed: bool, weight: ov.Output) -> None:
+def rewire(op, index: int, transposed: bool, weight: ov.Output) -> None:
     if op.get_type_name() == "MatMul" and transposed:   # the decompressed weight is [N, K]: multiply by its ᵀ
         attrs = op.get_attributes()
         new = ops.matmul(op.input_value(0), weight, attrs.get("transpose_a", False), True)
@@ -129,7 +129,7 @@ def keep_gguf_blocks(model: ov.Model, gguf_file: Path) -> ov.Model:
         weight.get_node().set_friendly_name(NAME_PREFIX + tensor.name)
         for op, index, const, transposed in hits:   # a tied table and head share one constant
             used.add(id(const))
-            _rewire(op, index, transposed, weight)
+            rewire(op, index, transposed, weight)
     model.validate_nodes_and_infer_types()
     return model
 

@@ -8,7 +8,6 @@ import openvino as ov
 
 from ..errors import MirrorDeployError
 from ..runtimes.openvino import port_name, reshape_static
-from .shapes import WEIGHT_INPUT
 
 WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4", "gguf")   # gguf: the draft's GGUF blocks, kept (openvino_gguf.py)
 
@@ -66,8 +65,7 @@ def make_stateful_draft(model: ov.Model) -> ov.Model:
     the CPU plugin did not fuse ScaledDotProductAttention here (measured, OpenVINO 2026.4)."""
     from optimum.exporters.openvino.stateful import fuse_cache_reorder, make_stateful
 
-    weights = [p for p in model.inputs if port_name(p).startswith(WEIGHT_INPUT)]   # static; filled in later
-    inputs = [p for p in model.inputs if p not in weights]
+    inputs = list(model.inputs)
     names = [port_name(p) for p in inputs]
     pinned = {}
     for port, name in zip(inputs, names):
@@ -92,9 +90,9 @@ def make_stateful_draft(model: ov.Model) -> ov.Model:
 def convert_stateful_draft(onnx_path: Path, xml_path: Path, weights: str, gguf: Path | None = None,
                            weights_in=None) -> Path:
     """`weights_in`: for a graph traced without its weights (gguf_draft.py), the function that puts them in
-    (by name, from the GGUF); it runs before the inputs are made state, and no compression follows."""
-    # Made stateful first: its reshape rewrites Reshape shapes (OpenVINO's smart reshape), which must not
-    # touch the weights' decompression pattern.
+    (by name, from the GGUF); it runs before the inputs are made state (they are no inputs then), and no
+    compression follows. `make_stateful_draft` reshapes only where a shape changes, so OpenVINO's smart
+    reshape does not rewrite the decompression pattern's Reshape."""
     if weights_in is not None:
         model = make_stateful_draft(weights_in(ov.convert_model(str(onnx_path))))
     else:

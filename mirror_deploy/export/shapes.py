@@ -15,7 +15,6 @@ from optimum.utils import NormalizedConfigManager
 from ..axes import PAST, ROWS, SEQ
 
 DRAFT_TOP_M = 8   # the draft's own top-m per row (branch ranking uses the first few)
-WEIGHT_INPUT = "weight:"   # a weight traced as a graph input (export/gguf_draft.py): weight:<HF parameter name>
 
 
 @dataclass(frozen=True)
