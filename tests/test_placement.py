@@ -32,7 +32,10 @@ def test_cpu_profile_decodes_every_mode_equal_to_ar(tiny_artifacts):
     assert config("ENABLE_CPU_PINNING") is False
     session = engine.target.graphs.segments[0].session
     assert session.get_session_options().intra_op_num_threads == 0                  # every core
-    assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    options = session.get_session_options()
+    with pytest.raises(RuntimeError):                                                     # spins within a call
+        options.get_session_config_entry("session.intra_op.allow_spinning")             # (ORT's default: on)
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"        # never after it
     for prompt in PROMPTS:
         expected = engine.generate(prompt, G(max_new_tokens=24, mode="ar", stop_at_eos=False)).tokens
         for mode, schedule in [("sd", "serial"), ("mirror", "serial"), ("mirror", "overlapped")]:

@@ -51,6 +51,9 @@ class OrtGraph:
         spin = threads != 1 if spinning is None else spinning
         if not spin:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        else:   # spin within a call (its many small ops), never after it: each segment is its own session,
+            # and idle spinners of six sessions, or one beside the draft, took the cores (AR ran 0.5x)
+            opts.add_session_config_entry("session.force_spinning_stop", "1")
         providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         if self.session.get_providers()[0] != provider:  # ORT falls back quietly when a provider fails
