@@ -16,6 +16,14 @@ TOTAL = f"{PAST}+{SEQ}"
 ATTENTION_SPAN = 256
 
 
+def attention_slots(end: int, capacity: int) -> int:
+    """Length of the K/V buffers bound to a fused call whose last row sits at position end - 1: its span
+    (the next multiple of ATTENTION_SPAN, within the capacity) and one slot more, where an odd window's
+    extra row writes. The attention reads the whole bound buffer, so the runtime sizes it per call (a
+    function of position alone) and the graph slices nothing: a Slice copied the K/V every layer and step."""
+    return min(-(-end // ATTENTION_SPAN) * ATTENTION_SPAN, capacity) + 1
+
+
 def static_dims(seq: int, past: int, rows: int) -> dict[str, int]:
     """Axis name -> size for a graph pinned to `seq` new tokens over a `past`-slot KV buffer."""
     return {SEQ: seq, PAST: past, ROWS: rows, TOTAL: past + seq, "total": past + seq}

@@ -202,21 +202,29 @@ def test_the_window_check_can_fail(gguf_pair, tmp_path, monkeypatch):
 
 def _windows_differ_from_steps(art) -> int:
     """Rows whose logits or exit top-κ differ (at all) between windows of 2..8 rows and the same rows one at a
-    time: early in the context, and around position 256, where the attention's span grows (ATTENTION_SPAN)."""
+    time: early in the context, and around position 256, where the attention's span grows (ATTENTION_SPAN)
+    and the K/V buffers with it; last, a rollback back across 256, where they shrink again."""
     assert ATTENTION_SPAN == 256 and read_manifest(art).max_context > 290
     ids = np.random.default_rng(3).integers(0, 128, 290)
     differ = 0
+
+    def compare(rows, steps):
+        return sum(int((rows[key] != np.concatenate([s[key] for s in steps])).any(axis=-1).sum())
+                   for key in ("logits", "exit_logprobs", "exit_ids"))
     for prefill in (10, 250):
         window, single = _driver(art), _driver(art)
         window.window(ids[:prefill], start=0)
         single.window(ids[:prefill], start=0)
-        at = prefill
+        at, alone = prefill, {}
         for size in (2, 3, 5, 8, 7):
             rows = window.window(ids[at:at + size], start=at)
             steps = [single.window(ids[i:i + 1], start=i) for i in range(at, at + size)]
-            for key in ("logits", "exit_logprobs", "exit_ids"):
-                differ += int((rows[key] != np.concatenate([s[key] for s in steps])).any(axis=-1).sum())
+            alone.update(zip(range(at, at + size), steps))
+            differ += compare(rows, steps)
             at += size
+        if prefill == 250:   # back to 253 (the buffers were sized past 256), then a window over 256 again
+            differ += compare(window.window(ids[253:255], start=253), [alone[253], alone[254]])
+            differ += compare(window.window(ids[255:260], start=255), [alone[i] for i in range(255, 260)])
     return differ
 
 

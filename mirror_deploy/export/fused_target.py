@@ -5,9 +5,9 @@ of tracing the HF layers: each layer is (Skip)SimplifiedLayerNormalization, ONE 
 embeddings (`com.microsoft::RotaryEmbedding`, from cos/sin caches the model's own rotary module computes,
 so rope scaling matches), the K/V write, attention, o_proj, ONE packed gate/up MatMul, SiLU·up, down_proj.
 
-K/V are head-major `[1, kv, capacity, hd]`: the runtime binds one preallocated buffer per layer as both
-past_key.i and present_key.i, and `TensorScatter` writes the window's K/V into it in place (no copy); a
-rollback is a smaller length. Attention is written so a row computes the same bits in a verify window as
+K/V are head-major `[1, kv, slots, hd]`: the runtime binds one buffer per layer as both past_key.i and
+present_key.i, sized to the call's attention span (`axes.attention_slots`), and `TensorScatter` writes the
+window's K/V into it in place (no copy); a rollback is a smaller length. Attention is written so a row computes the same bits in a verify window as
 alone (`_invariant_attention`, axes.py), with its causal mask built from position_ids. (ORT's
 GroupQueryAttention, used before, is not row-invariant; seqlens_k and total_sequence_length stay inputs
 for runtimes that feed them, unused.)
@@ -21,7 +21,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ..axes import ATTENTION_SPAN, SEQ
+from ..axes import SEQ
 from .shapes import TensorSpec, kv_names
 
 FUSED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -223,30 +223,32 @@ def _append_kv(g: _Graph, k: str, v: str, i: int, kv: int, hd: int, rotary: tupl
                                         [f"present_{kind}.{i}"], name=f"{name}/Write{kind}", axis=2))
 
 
-def _span(g: _Graph, past_key: str) -> tuple[str, str]:
-    """(span as a 1-d end for Slice, additive causal mask [seq, 1, span]) shared by a segment's layers. The
-    span is the last row's position + 1 rounded up to ATTENTION_SPAN, within the buffers' capacity (by
-    position, not total_sequence_length: the runtime's extra row of an odd window repeats a position)."""
-    if "span" not in g.shared:
+def _span_mask(g: _Graph, past_key: str, group: int) -> str:
+    """The additive causal mask over the whole bound K/V buffer, one row per (token, query head of a K/V
+    group) as the attention stacks them (doubled where a group has one head), made once and shared by a
+    segment's layers: slot j is open to a row at position p where j <= p. The runtime binds buffers of
+    `axes.attention_slots` (the span up to the next ATTENTION_SPAN multiple, plus one), so every reduction
+    of a row has a length fixed by its position."""
+    if "mask" not in g.shared:
         const = lambda n, v, t=np.int64: g.weight(f"span.{n}", np.array(v, t))  # noqa: E731
-        total = g.one("Add", [g.one("ReduceMax", ["position_ids"], "span/Last", keepdims=0), const("one", 1)],
-                      "span/Total")
-        step = const("step", ATTENTION_SPAN)
-        rounded = g.one("Mul", [g.one("Div", [g.one("Add", [total, const("round", ATTENTION_SPAN - 1)], "span/Add"),
-                                              step], "span/Div"), step], "span/Mul")
-        capacity = g.one("Gather", [g.one("Shape", [past_key], "span/Shape"), const("axis", 2)], "span/Capacity")
-        span = g.one("Min", [rounded, capacity], "span/Min")
-        keys = g.one("Range", [const("zero", 0), span, "span.one"], "span/Keys")
+        slots = g.one("Shape", [past_key], "span/Slots", start=2, end=3)
+        keys = g.one("Range", [const("zero", 0), g.one("Squeeze", [slots], "span/SlotCount"), const("one", 1)],
+                     "span/Keys")
         rows = g.one("Reshape", ["position_ids", const("rows", [-1, 1, 1])], "span/Rows")
         visible = g.one("LessOrEqual", [keys, rows], "span/Visible")
         mask = g.one("Where", [visible, const("open", 0.0, np.float32),
-                               const("shut", np.finfo(np.float32).min, np.float32)], "span/Mask")
-        g.shared["span"] = g.one("Unsqueeze", [span, const("unsq", [0])], "span/End"), mask
-    return g.shared["span"]
+                               const("shut", np.finfo(np.float32).min, np.float32)], "span/Mask")   # [seq, 1, slots]
+        mask = g.one("Flatten", [g.one("Expand", [mask, const("group", [1, group, 1])], "span/MaskGroup")],
+                     "span/MaskRows", axis=2)                                                    # [seq·group, slots]
+        if group == 1:
+            mask = g.one("Concat", [mask, mask], "span/TwiceMask", axis=0)
+        g.shared["mask"] = mask
+    return g.shared["mask"]
 
 
 def _invariant_attention(g: _Graph, q: str, i: int, shape, rotary: tuple[str, str], scale: float, name: str) -> str:
-    """softmax(q·Kᵀ·scale + causal mask)·V over the first `span` slots of the in-place K/V buffers.
+    """softmax(q·Kᵀ·scale + causal mask)·V over the whole in-place K/V buffers, which the runtime binds at
+    the span of the call's positions (`axes.attention_slots`).
 
     Every reduction has the same length for a row whatever its window (the span is fixed per
     ATTENTION_SPAN positions), and the query heads that share a K/V head are stacked as rows, so MLAS's
@@ -256,21 +258,17 @@ def _invariant_attention(g: _Graph, q: str, i: int, shape, rotary: tuple[str, st
     h, kv, hd = shape.num_heads, shape.kv_heads, shape.head_dim
     group = h // kv
     const = lambda n, v, t=np.int64: g.weight(f"{name}.{n}", np.array(v, t))  # noqa: E731
-    span, mask = _span(g, f"past_key.{i}")
+    mask = _span_mask(g, f"past_key.{i}", group)
     rotated = g.one("RotaryEmbedding", [q, "position_ids", *rotary], f"{name}/RotaryQ", domain="com.microsoft",
                     num_heads=h, interleaved=0)
     # [1, seq, h·hd] -> [1, kv, seq·group, hd]: row = (token, head within its K/V group)
     heads = g.one("Reshape", [rotated, const("q5", [0, 0, kv, group, hd])], f"{name}/QHeads")
     rows = g.one("Reshape", [g.one("Transpose", [heads], f"{name}/QByKV", perm=[0, 2, 1, 3, 4]),
                              const("q4", [1, kv, -1, hd])], f"{name}/QRows")
-    mask = g.one("Flatten", [g.one("Expand", [mask, const("mexp", [1, group, 1])], f"{name}/MaskGroup")],
-                 f"{name}/MaskRows", axis=2)
     if group == 1:   # one query head per K/V head: run every row twice so the GEMM never sees one row
         rows = g.one("Concat", [rows, rows], f"{name}/TwiceRows", axis=2)
-        mask = g.one("Concat", [mask, mask], f"{name}/TwiceMask", axis=0)
     zero, axis = const("zero", [0]), const("axis2", [2])
-    keys = g.one("Slice", [f"present_key.{i}", zero, span, axis], f"{name}/Keys")
-    values = g.one("Slice", [f"present_value.{i}", zero, span, axis], f"{name}/Values")
+    keys, values = f"present_key.{i}", f"present_value.{i}"
     scores = g.one("MatMul", [rows, g.one("Transpose", [keys], f"{name}/KeysT", perm=[0, 1, 3, 2])], f"{name}/Scores")
     scores = g.one("Add", [g.one("Mul", [scores, const("scale", scale, np.float32)], f"{name}/Scale"), mask],
                    f"{name}/Masked")

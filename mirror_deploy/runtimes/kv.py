@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..axes import ATTENTION_SPAN
+from ..axes import ATTENTION_SPAN, attention_slots
 from ..errors import MirrorDeployError
 
 MASK_MIN = np.finfo(np.float32).min
@@ -60,18 +60,34 @@ class KVCache:
 
 
 class InPlaceKV:
-    """Head-major K/V buffers `[1, kv_heads, capacity, head_dim]` for one fused graph's layers, bound as
-    both past_key.i and present_key.i: GroupQueryAttention appends the window's K/V at slots
-    [start, start + seq) of the same memory. Only a linear window's prefix can be kept (rows 0..keep-1),
-    which is all the target ever commits; rolling back is a smaller `used`."""
+    """Head-major K/V buffers `[1, kv_heads, slots, head_dim]` for one fused graph's layers, bound as
+    both past_key.i and present_key.i: the graph appends the window's K/V at slots [start, start + seq) of
+    the same memory. The graph attends over the whole buffer, so before each call the buffers are sized to
+    that call's span (`attention_slots`: grown, or shrunk after a rollback, once per ATTENTION_SPAN
+    positions, keeping their contents). Only a linear window's prefix can be kept (rows 0..keep-1), which
+    is all the target ever commits; rolling back is a smaller `used`."""
     in_place = True
 
     def __init__(self, layers: range, capacity: int, kv_heads: int, head_dim: int):
         self.capacity = capacity
-        self.buffers = {f"past_{p}.{i}": np.zeros((1, kv_heads, capacity, head_dim), np.float32)
-                        for i in layers for p in ("key", "value")}
-        self.bound = {past: (past.replace("past_", "present_"), buf) for past, buf in self.buffers.items()}
+        self.names = [f"past_{p}.{i}" for i in layers for p in ("key", "value")]
+        self.head_shape = (kv_heads, head_dim)
+        self.buffers: dict[str, np.ndarray] = {}
         self.used = 0
+        self.fit(1)
+
+    def fit(self, end: int) -> None:
+        """Size the buffers for a call whose last row is at position end - 1 (a no-op within a span)."""
+        slots = attention_slots(end, self.capacity)
+        old = self.buffers
+        if old and next(iter(old.values())).shape[2] == slots:
+            return
+        kv, hd = self.head_shape
+        self.buffers = {name: np.zeros((1, kv, slots, hd), np.float32) for name in self.names}
+        for name, buf in old.items():
+            keep = min(buf.shape[2], slots)
+            self.buffers[name][:, :, :keep] = buf[:, :, :keep]
+        self.bound = {past: (past.replace("past_", "present_"), buf) for past, buf in self.buffers.items()}
 
     def write(self, outputs: dict[str, np.ndarray], at: int, rows) -> None:
         """The window's K/V are already in place; keeping its first rows is only a length check."""
@@ -100,6 +116,7 @@ class InPlaceKV:
         rows = "input_ids" if "input_ids" in feeds else "hidden_states"
         outs = []
         for a, b in zip([start, *cuts], [*cuts, start + seq]):
+            self.fit(b)
             part = {**feeds, rows: feeds[rows][:, a - start:b - start], **self.window_feeds(a, b - a, self.capacity)}
             outs.append(self._even_call(graph, part, rows, a, b - a))
         return outs[0] if len(outs) == 1 else {k: np.concatenate([o[k] for o in outs], axis=1) for k in outs[0]}
@@ -107,11 +124,11 @@ class InPlaceKV:
     def _even_call(self, graph, feeds: dict, rows: str, start: int, seq: int) -> dict[str, np.ndarray]:
         """An odd window gets one more row (its last one again, at the same position): int4 MatMulNBits
         computes rows in pairs and a lone row another way. The extra row's K/V land in the slot after the
-        window, which no real row reads (causal) and the next token overwrites; its outputs are dropped.
-        Without a free slot (the last one of the buffers) the call runs odd."""
-        if seq % 2 == 0 or start + seq >= self.capacity:
+        window (the buffers' last slot is kept for it), which no real row reads (causal) and the next token
+        overwrites; its outputs are dropped."""
+        if seq % 2 == 0:
             return graph.run(feeds, in_place=self.bound)
-        padded = {**feeds, **self.window_feeds(start, seq + 1, self.capacity)}
+        padded = {**feeds, **self.window_feeds(start, seq + 1, self.capacity + 1)}   # into the spare slot
         padded[rows] = np.concatenate([feeds[rows], feeds[rows][:, -1:]], axis=1)
         padded["position_ids"] = np.concatenate([feeds["position_ids"], feeds["position_ids"][:, -1:]], axis=1)
         return {k: v[:, :seq] for k, v in graph.run(padded, in_place=self.bound).items()}
