@@ -97,3 +97,18 @@ def test_anatomy_reports_bytes_bandwidth_and_window_ratios(int4_cpu):
     rows = {name: ratios for name, *_, ratios in bandwidth_rows(folder, engine.manifest, engine.profile, figures, 4)}
     assert set(rows) == {*engine.manifest.target_segments(), "target_head", "draft_stateful"}
     assert set(rows["target_seg1"]) == {2, 4, 5} and set(rows["draft_stateful"]) == {4, 8}
+
+
+def test_op_profile_splits_a_segment_by_op_type(int4_cpu):
+    """`python -m mirror_deploy.bench.op_profile`: the weights' kernel and the K/V writes of every layer
+    appear, the K/V is sliced nowhere (it is bound at the span), and a graph that is no fused segment is
+    refused."""
+    from mirror_deploy.bench.op_profile import profile_segment
+    folder, _ = int4_cpu
+    layers = read_manifest(folder).graphs["target_seg1"].layers
+    call_ms, ops = profile_segment(folder, "target_seg1", context=40, rows=2, runs=3)
+    assert call_ms > 0 and ops["MatMulNBits"][1] == 4 * (layers[1] - layers[0])
+    assert ops["TensorScatter"][1] == 2 * (layers[1] - layers[0])
+    assert ops.get("Slice", (0, 0))[1] == 1      # the K/V write position only; the K/V itself is not sliced
+    with pytest.raises(MirrorDeployError, match="not a fused target segment"):
+        profile_segment(folder, "target_head", context=40, rows=2, runs=1)
