@@ -79,14 +79,16 @@ class InPlaceKV:
     def fit(self, end: int) -> None:
         """Size the buffers for a call whose last row is at position end - 1 (a no-op within a span)."""
         slots = attention_slots(end, self.capacity)
-        old = self.buffers
-        if old and next(iter(old.values())).shape[2] == slots:
+        if self.buffers and next(iter(self.buffers.values())).shape[2] == slots:
             return
         kv, hd = self.head_shape
-        self.buffers = {name: np.zeros((1, kv, slots, hd), np.float32) for name in self.names}
-        for name, buf in old.items():
-            keep = min(buf.shape[2], slots)
-            self.buffers[name][:, :, :keep] = buf[:, :, :keep]
+        self.bound = {}
+        for name in self.names:   # one layer's buffer at a time: the old and new K/V never coexist whole
+            old = self.buffers.get(name)
+            self.buffers[name] = np.zeros((1, kv, slots, hd), np.float32)
+            if old is not None:
+                keep = min(old.shape[2], slots)
+                self.buffers[name][:, :, :keep] = old[:, :, :keep]
         self.bound = {past: (past.replace("past_", "present_"), buf) for past, buf in self.buffers.items()}
 
     def write(self, outputs: dict[str, np.ndarray], at: int, rows) -> None:
