@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import read_manifest
-from ..axes import attention_slots
 from ..errors import MirrorDeployError
+from ..runtimes.kv import InPlaceKV
+from ..runtimes.onnxruntime import OrtGraph
 from ..targets import Profile
 
 
 def profile_segment(folder: Path, graph: str, context: int, rows: int, runs: int) -> tuple[float, dict]:
     """(median ms of the call, {op type: (ms per call, nodes per call)})."""
-    import onnxruntime as ort
     manifest = read_manifest(folder)
     entry = manifest.graphs.get(graph)
     if entry is None or not any(spec["name"].startswith("past_key.") for spec in entry.inputs):
@@ -37,36 +37,22 @@ def profile_segment(folder: Path, graph: str, context: int, rows: int, runs: int
         raise MirrorDeployError(f"context {context} + {rows} rows exceeds the artifact's {manifest.max_context} "
                                 "positions", "lower --context")
     target = Profile.from_dict(manifest.profile).target
+    first, stop = entry.layers
+    kv = InPlaceKV(range(first, stop), manifest.max_context, manifest.target["kv_heads"], manifest.target["head_dim"])
+    kv.fit(context + rows)                       # the buffers a step at this context binds
+    rng = np.random.default_rng(0)
+    for buf in kv.buffers.values():
+        buf[...] = rng.standard_normal(buf.shape)
+    feeds = {"input_ids": np.full((1, rows), 100, np.int64),
+             "hidden_states": rng.standard_normal((1, rows, manifest.target["hidden_size"])).astype(np.float32),
+             **kv.window_feeds(context, rows, manifest.max_context)}
     with tempfile.TemporaryDirectory() as scratch:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = target.threads or 0
-        opts.log_severity_level = 3
-        opts.add_session_config_entry("session.force_spinning_stop", "1")
-        opts.enable_profiling, opts.profile_file_prefix = True, str(Path(scratch) / "op")
-        session = ort.InferenceSession(str(folder / entry.file), opts, providers=["CPUExecutionProvider"])
-        binding, kept = session.io_binding(), []
-        rng = np.random.default_rng(0)
-        slots = attention_slots(context + rows, manifest.max_context)
-        width = manifest.target["hidden_size"]
-        for spec in entry.inputs:
-            name = spec["name"]
-            if name.startswith("past_"):
-                buf = rng.standard_normal((1, spec["shape"][1], slots, spec["shape"][3])).astype(np.float32)
-                binding.bind_input(name, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
-                binding.bind_output(name.replace("past_", "present_"), "cpu", 0, np.float32, list(buf.shape),
-                                    buf.ctypes.data)
-            else:
-                buf = {"input_ids": np.full((1, rows), 100, np.int64),
-                       "hidden_states": rng.standard_normal((1, rows, width)).astype(np.float32),
-                       "position_ids": np.arange(context, context + rows, dtype=np.int64)[None],
-                       "seqlens_k": np.array([context + rows - 1], np.int32),
-                       "total_sequence_length": np.array(context + rows, np.int32)}[name]
-                binding.bind_cpu_input(name, buf)
-            kept.append(buf)
-        binding.bind_output("hidden_out", "cpu")
+        segment = OrtGraph(folder / entry.file, graph, "cpu", target.threads or 0, target.spinning,
+                           profile_prefix=str(Path(scratch) / "op"))
+        binding = segment.bind(feeds, kv.bound)      # as a step binds it: the K/V in place
         for _ in range(runs):
-            session.run_with_iobinding(binding)
-        events = json.loads(Path(session.end_profiling()).read_text())
+            segment.session.run_with_iobinding(binding)
+        events = json.loads(Path(segment.session.end_profiling()).read_text())
     calls = [e["dur"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
     spent, count = collections.defaultdict(float), collections.Counter()
     for e in events:

@@ -7,10 +7,12 @@ so rope scaling matches), the K/V write, attention, o_proj, ONE packed gate/up M
 
 K/V are head-major `[1, kv, slots, hd]`: the runtime binds one buffer per layer as both past_key.i and
 present_key.i, sized to the call's attention span (`axes.attention_slots`), and `TensorScatter` writes the
-window's K/V into it in place (no copy); a rollback is a smaller length. Attention is written so a row computes the same bits in a verify window as
-alone (`_invariant_attention`, axes.py), with its causal mask built from position_ids. (ORT's
-GroupQueryAttention, used before, is not row-invariant; seqlens_k and total_sequence_length stay inputs
-for runtimes that feed them, unused.)
+window's K/V into it in place (no copy); a rollback is a smaller length. Attention is written so a row
+computes the same bits in a verify window as alone (`_invariant_attention`, axes.py), with its causal mask
+built from position_ids. (ORT's GroupQueryAttention, used before, computes a lone row another way; with the
+runtime's even-row calls it is row-invariant too, but reads the K/V once per query head, which loses at long
+contexts: docs/results/memory-limit-step.md, section 6. seqlens_k and total_sequence_length stay inputs for
+runtimes that feed them, unused.)
 """
 from __future__ import annotations
 

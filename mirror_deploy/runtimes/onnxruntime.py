@@ -39,9 +39,13 @@ def require_provider(device: str) -> str:
 
 
 class OrtGraph:
-    def __init__(self, path: Path, name: str, device: str = "cpu", threads: int = 1, spinning: bool | None = None):
+    def __init__(self, path: Path, name: str, device: str = "cpu", threads: int = 1, spinning: bool | None = None,
+                 profile_prefix: str | None = None):
+        """`profile_prefix`: record ONNX Runtime's per-op profile there (bench.op_profile)."""
         provider = require_provider(device)
         opts = ort.SessionOptions()
+        if profile_prefix:
+            opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
