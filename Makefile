@@ -27,7 +27,7 @@ bench-engine: $(STAMP)
 bench-runtimes: $(STAMP)
 	$(BIN)/python -m mirror_deploy.bench.runtimes
 
-# The 4-bit kernel routes (ORT MatMulNBits, OpenVINO int4, llama.cpp when built) at 1/2/4/8 rows.
+# The 4-bit kernel routes (ORT MatMulNBits, OpenVINO int4, torch int4pack; add --inductor, --gguf FILE) at 1/2/4/8 rows.
 bench-kernels: $(STAMP)
 	$(BIN)/python -m mirror_deploy.bench.kernels
 

@@ -1,13 +1,14 @@
 """The 4-bit kernel routes on this machine at 1 / 2 / 4 / 8 rows: what a verify window can cost.
 
-    python -m mirror_deploy.bench.kernels [--layers 6] [--rounds 9] [--threads 2] [--gguf FILE]
+    python -m mirror_deploy.bench.kernels [--layers 6] [--rounds 9] [--threads 2] [--gguf FILE] [--inductor]
 
 Every route multiplies the same stack of projections of the real target's shapes (Qwen2.5-1.5B: q/k/v packed
 1536→2048, o 1536→1536, gate/up packed 1536→17920, down 8960→1536, `--layers` layers: more weight bytes than
 the cache holds), with random weights, timed interleaved (medians). For each route: ms at 1 row, the ratio
 of 2 / 4 / 8 rows to 1 row, the GB/s streamed at 1 row, and whether a row gets the same bits in an 8-row
 call as in a 2-row call (what speculative exactness needs; 1-row calls are padded to 2, see axes.py).
-`--gguf` adds llama.cpp's own forward (llama-bench, prompt batches of 1 / 2 / 4 / 8 tokens) on that file.
+`--gguf` adds llama.cpp's own forward (llama-bench, prompt batches of 1 / 2 / 4 / 8 tokens) on that file;
+`--inductor` adds torch.compile's C++ int4 GEMM template (autotuned against the eager kernel; minutes).
 """
 from __future__ import annotations
 
@@ -72,6 +73,44 @@ def ov_route(weights, threads: int, dynamic_quantization: bool):
     return lambda x, y: [t.copy() for t in request.infer({"x1536": x, "x8960": y}).values()]
 
 
+def torch_route(weights, threads: int, compiled: bool):
+    """torch's CPU int4 pack (`_weight_int4pack_mm_for_cpu`, groups of 128, bf16 activations), eager or
+    through Inductor's C++ WOQ-int4 GEMM template (max-autotune picks it where it beats the eager kernel)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    group = 128
+
+    class Projections(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ks = []
+            for i, w in enumerate(weights):
+                k, n = w.shape
+                t = torch.from_numpy(np.ascontiguousarray(w.T)).reshape(n, k // group, group)
+                scale = t.abs().amax(-1).clamp_min(1e-8) / 7
+                q = (torch.round(t / scale[..., None]) + 8).clamp(0, 15).to(torch.int32).reshape(n, k)
+                zero = torch.zeros_like(scale)
+                self.register_buffer(f"w{i}", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+                self.register_buffer(f"s{i}", torch.stack([scale.T, zero.T], -1).to(torch.bfloat16).contiguous())
+                self.ks.append(k)
+
+        def forward(self, a, b):
+            return [torch.ops.aten._weight_int4pack_mm_for_cpu(a if k == 1536 else b, getattr(self, f"w{i}"), group,
+                                                              getattr(self, f"s{i}")) for i, k in enumerate(self.ks)]
+
+    module = Projections()
+    if compiled:
+        import torch._inductor.config as inductor
+        inductor.freezing = True       # the weights are constants: the template packs them once
+        module = torch.compile(module, mode="max-autotune", dynamic=False)
+
+    def call(a, b):
+        with torch.no_grad():
+            return [y.float().numpy() for y in module(torch.from_numpy(a).bfloat16(), torch.from_numpy(b).bfloat16())]
+    return call
+
+
 def llama_bench_ms(gguf: Path, threads: int, rounds: int) -> dict[int, float]:
     """ms per forward of a batch of r prompt tokens, from llama.cpp's own llama-bench (`make llama-cpp`)."""
     import json
@@ -92,7 +131,13 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gguf", type=Path, default=None, help="also time llama.cpp's forward on this file")
+    parser.add_argument("--inductor", action="store_true", help="also time torch.compile's int4 GEMM template")
     args = parser.parse_args(argv)
+    if args.gguf is not None and not args.gguf.is_file():
+        parser.exit(1, f"error: --gguf {args.gguf} is not a file. fix: pass a .gguf file, e.g. "
+                       "~/.cache/mirror-deploy/gguf/qwen2.5-coder-1.5b-instruct.gguf\n")
+    if min(args.layers, args.rounds, args.threads) < 1:
+        parser.exit(1, "error: --layers, --rounds and --threads must be at least 1. fix: pass positive counts\n")
     rng = np.random.default_rng(0)
     weights = _weights(args.layers, rng)
     streamed = sum(w.size for w in weights) / 2          # 4-bit weights, bytes (scales aside)
@@ -100,6 +145,9 @@ def main(argv=None) -> None:
               for level, block in ((4, 128), (4, 32), (0, 128))}
     routes["OpenVINO int4 g128, int8 activations"] = ov_route(weights, args.threads, True)
     routes["OpenVINO int4 g128, fp32 activations"] = ov_route(weights, args.threads, False)
+    routes["torch int4pack g128, bf16 activations"] = torch_route(weights, args.threads, False)
+    if args.inductor:
+        routes["torch.compile int4 GEMM template"] = torch_route(weights, args.threads, True)
     x = {r: (rng.standard_normal((r, 1536)).astype(np.float32), rng.standard_normal((r, 8960)).astype(np.float32))
          for r in ROWS}
     items = {(name, r): (lambda f=f, r=r: f(*x[r])) for name, f in routes.items() for r in ROWS}
