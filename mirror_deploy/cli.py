@@ -73,7 +73,7 @@ def export(
     exit_head_weights: str = typer.Option("shared", help="Early-exit head: shared (the target's own) or a "
                                           "cheaper int8|int4 copy (it only ranks branches: speed, never output)."),
     target_attention: Optional[str] = typer.Option(
-        None, help="Target segments: fused (built from the weights: GroupQueryAttention with in-place K/V, "
+        None, help="Target segments: fused (built from the weights: in-place K/V, row-invariant attention, "
         "packed QKV and gate/up; ONNX Runtime only, Llama/Qwen2/Qwen3/Mistral) or eager (the traced HF layers). "
         "Default: fused for an ONNX Runtime CPU target of those families, else eager; profiles whose target runs "
         "on OpenVINO need eager."),

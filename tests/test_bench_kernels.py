@@ -30,3 +30,18 @@ def test_torch_route_matches_its_dequantized_weights():
         # int4 weights and bf16 activations: close to the fp32 product, not equal
         assert y.shape == exact.shape and np.corrcoef(y.ravel(), exact.ravel())[0, 1] > 0.98
     assert all(np.array_equal(p[:2], q) for p, q in zip(outs, route(a[:2], b[:2])))
+
+
+@pytest.mark.parametrize("module, argv, problem", [
+    ("formats", ["no-such-artifact"], "artifact folder no-such-artifact does not exist"),
+    ("target_attention", ["--checkpoint", "no-such-checkpoint"], "model path no-such-checkpoint does not exist"),
+])
+def test_bench_commands_end_bad_input_with_the_fix(module, argv, problem):
+    """The benchmarks run as `python -m mirror_deploy.bench.MODULE`: a path that is not what they need is
+    one error line with its fix and exit status 1, not a traceback."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", f"mirror_deploy.bench.{module}", *argv], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1 and problem in done.stderr and "fix:" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -38,7 +38,7 @@ from ..export.pipeline import trace_stateful_draft
 from ..export.shapes import draft_top_m, graph_io
 from ..runtimes.kv import COMMITTED
 from ..runtimes.openvino import OvGraph
-from ..tiny import build_model, tiny_config, tiny_tokenizer
+from ..tiny import build_model, tiny_tokenizer
 
 WIDTHS = (1, 4, 8)
 DROPPED = 96   # dropped slots left in the K/V for the cost-of-masking figure
@@ -196,4 +196,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from . import command
+    command(main)

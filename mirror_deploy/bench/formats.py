@@ -80,4 +80,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from . import command
+    command(main)

@@ -168,4 +168,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from . import command
+    command(main)

@@ -32,6 +32,8 @@ ROWS = (1, 8)
 
 def cut_model(checkpoint: Path, layers: int):
     from transformers import AutoModelForCausalLM
+    from ..export.loading import open_source
+    open_source(checkpoint, "target")     # a clear error for a path that is no checkpoint, before any load
     return AutoModelForCausalLM.from_pretrained(checkpoint, num_hidden_layers=layers, dtype="float32",
                                                 attn_implementation="eager").eval()
 
@@ -119,4 +121,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from . import command
+    command(main)

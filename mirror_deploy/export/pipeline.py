@@ -41,8 +41,8 @@ WEIGHT_BITS = {**TARGET_WEIGHT_BITS, **EXIT_HEAD_FORMATS}
 # Target formats whose fused first segment stores the token table as int8 blocks: a quarter of the fp32
 # table's bytes (0.93 GB for Qwen2.5-1.5B). A GGUF target's table is dequantized from its own blocks.
 QUANTIZED_EMBEDDING = ("int8", "int4")
-# Target segments: "fused" are built from the weights (GroupQueryAttention, in-place K/V; ONNX Runtime
-# only), "eager" are the traced HF layers (any architecture, any runtime; kept for A/B and OpenVINO).
+# Target segments: "fused" are built from the weights (in-place K/V, row-invariant attention; ONNX
+# Runtime only), "eager" are the traced HF layers (any architecture, any runtime; kept for A/B and OpenVINO).
 TARGET_ATTENTION = ("fused", "eager")
 
 

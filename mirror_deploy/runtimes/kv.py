@@ -99,11 +99,12 @@ class InPlaceKV:
             raise capacity_error("decoding", at + rows.stop, self.capacity)
 
     @staticmethod
-    def window_feeds(start: int, seq: int, capacity: int) -> dict[str, np.ndarray]:
-        """GQA's feeds: seqlens_k is total - 1 and total_sequence_length the positions after the window
-        (measured on ORT 1.31). Its own causal mask is the window's mask. Refused before any call when
-        the window would run past the buffers (GQA would otherwise allocate a new present)."""
-        if start + seq > capacity:
+    def window_feeds(start: int, seq: int, capacity: int, spare: int = 0) -> dict[str, np.ndarray]:
+        """A fused segment's feeds besides its rows: position_ids (its causal mask is built from them), and
+        seqlens_k / total_sequence_length, which every fused segment declares (kept from the
+        GroupQueryAttention graphs). Refused before any call when the window would run past the buffers; `spare` slots
+        past capacity hold an odd window's extra row (`_even_call`)."""
+        if start + seq > capacity + spare:
             raise capacity_error("decoding", start + seq, capacity)
         return {"position_ids": np.arange(start, start + seq, dtype=np.int64)[None],
                 "seqlens_k": np.array([start + seq - 1], np.int32),
@@ -130,7 +131,7 @@ class InPlaceKV:
         overwrites; its outputs are dropped."""
         if seq % 2 == 0:
             return graph.run(feeds, in_place=self.bound)
-        padded = {**feeds, **self.window_feeds(start, seq + 1, self.capacity + 1)}   # into the spare slot
+        padded = {**feeds, **self.window_feeds(start, seq + 1, self.capacity, spare=1)}
         padded[rows] = np.concatenate([feeds[rows], feeds[rows][:, -1:]], axis=1)
         padded["position_ids"] = np.concatenate([feeds["position_ids"], feeds["position_ids"][:, -1:]], axis=1)
         return {k: v[:, :seq] for k, v in graph.run(padded, in_place=self.bound).items()}

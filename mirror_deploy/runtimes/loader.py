@@ -40,7 +40,7 @@ def open_graph(folder: Path, manifest: Manifest, name: str, part: PartProfile, l
         from .onnxruntime import OrtGraph
         return OrtGraph(path, logical, part.device, threads or 0, part.spinning)
     if any(spec["name"] == "seqlens_k" for spec in entry.inputs):
-        raise MirrorDeployError(f"{name} is a fused ONNX Runtime segment (GroupQueryAttention), which "
+        raise MirrorDeployError(f"{name} is a fused ONNX Runtime segment (K/V written in place by TensorScatter), which "
                                 f"{part.backend} cannot run", "re-export with --target-attention eager for this profile")
     from .openvino import OvGraph
     dims = None
