@@ -89,8 +89,8 @@ def target_items(engine: Engine, context: int, rows: tuple[int, ...], rng, steps
         items[head_key(r)] = lambda hidden=hidden, r=r: driver.head(hidden, np.arange(r))
         if target.graphs.exit_head is not None:
             items[head_key(r, True)] = lambda hidden=hidden, r=r: driver.head(hidden, np.arange(r), True)
-        def step(r=r):
-            driver.window(ids[context:context + r], start=context)
+        def step(r=r):   # an AR / SD step: segments and head, no early-exit rows (Mirror's adds them)
+            driver.window(ids[context:context + r], start=context, exit_rows=False)
             driver.rollback(context)          # every item runs over the same `context` positions
         if steps:
             items[f"target step × {r}"] = step
@@ -167,6 +167,11 @@ def print_anatomy(figures: dict[str, float], engine: Engine, context: int, conso
     one, window = figures.get("target step × 1"), figures.get(f"target step × {gamma + 1}")
     if one and window:
         table.add_row(f"window ÷ 1-token step (γ+1 = {gamma + 1})", f"{window / one:.2f}×")
+    for rows in (1, gamma + 1):   # what the step adds to its graphs: feeds, bindings, Python
+        graphs = [v for k, v in figures.items() if k.endswith(f"× {rows}") and k.startswith(("segment", "head"))]
+        if figures.get(f"target step × {rows}") and graphs:
+            table.add_row(f"target step ÷ its graphs (segments + head), × {rows}",
+                          f"{figures[f'target step × {rows}'] / sum(graphs):.2f}×")
     seq = next((v for k, v in figures.items() if k.startswith("prefill") and k.endswith("sequential")), None)
     pipe = next((v for k, v in figures.items() if k.startswith("prefill") and k.endswith("pipelined")), None)
     if seq and pipe:

@@ -35,17 +35,20 @@ class TargetDriver(TargetRunner):
         for cache in self.kv:
             cache.used = used
 
-    def window(self, ids, start: int | None = None) -> dict[str, np.ndarray]:
+    def window(self, ids, start: int | None = None, exit_rows: bool = True) -> dict[str, np.ndarray]:
         """Run `ids` at positions start.. (default: right after the cache); a start below the cache
-        length rolls back first. Returns logits, exit_ids, exit_logprobs for every window row."""
+        length rolls back first. Returns logits, and (`exit_rows`: Mirror's step) exit_ids and
+        exit_logprobs, for every window row."""
         start = self.used if start is None else start
         if start > self.used:
             raise ValueError(f"window at {start} would leave a gap after {self.used} cached positions")
         self.rollback(start)
         ids = [int(i) for i in np.asarray(ids).reshape(-1)]
-        pp = self.prefix(ids, exit_rows=True)
+        pp = self.prefix(ids, exit_rows=exit_rows)
         tail, _ = self.suffix(pp)
         self.commit(pp, tail, len(ids))
+        if not exit_rows:
+            return {"logits": tail["logits"][0]}
         return {"logits": tail["logits"][0], "exit_ids": pp.exit_ids, "exit_logprobs": pp.exit_logprobs}
 
 
