@@ -72,9 +72,20 @@ def _median(values):
     return statistics.median(values) if values else None
 
 
+def _by_repeat(groups: list[list[dict]]) -> dict[int, float]:
+    """Repeat -> mean tok/s over the prompts of one method's groups in that repeat."""
+    rounds: dict[int, list[float]] = {}
+    for g in groups:
+        for r in g:
+            rounds.setdefault(r.get("repeat", 0), []).append(r["tokens_per_s"])
+    return {rep: statistics.fmean(v) for rep, v in rounds.items()}
+
+
 def summarise(records: list[dict]) -> dict:
     """Per task and overall: speedup = mean tok/s of a method ÷ mean tok/s of `ar` (SpecBench's
-    definition), each prompt's tok/s being the median over repeats."""
+    definition), each prompt's tok/s being the median over repeats. `speedup_range`: the lowest and
+    highest of the same ratio taken within each repeat (the runs of one repeat ran side by side), so a
+    reader sees how far one run of the command can land from another."""
     methods = list(dict.fromkeys(r["method"] for r in records))
     reference = {}
     for r in records:
@@ -86,14 +97,16 @@ def summarise(records: list[dict]) -> dict:
     tasks = list(dict.fromkeys(r["task"] for r in records))
 
     def block(task_filter) -> dict:
-        rows = {}
+        rows, rounds = {}, {}
         for m in methods:
             groups = [g for (task, _, meth), g in per_prompt.items() if meth == m and task_filter(task)]
             if not groups:
                 continue
             tps = [_median([r["tokens_per_s"] for r in g]) for g in groups]
             fig = lambda key: _median([r["figures"].get(key) for g in groups for r in g])
-            same = [g[0]["tokens"] == reference.get((g[0]["task"], g[0]["question_id"])) for g in groups]
+            # a prompt counts as equal only if every repeat's output is ar's (first repeat's)
+            same = [all(r["tokens"] == reference.get((r["task"], r["question_id"])) for r in g) for g in groups]
+            rounds[m] = _by_repeat(groups)
             rows[m] = {"tokens_per_s": statistics.fmean(tps), "prompts": len(groups),
                        "mean_accepted_tokens": fig("mean_accepted_tokens"), "reuse_rate": fig("reuse_rate"),
                        "fallback_frequency": fig("fallback_frequency"), "t_exposed_ms": fig("t_exposed_ms"),
@@ -103,8 +116,11 @@ def summarise(records: list[dict]) -> dict:
                                                              for g in groups for r in g]),
                        "equal_to_ar": f"{sum(same)}/{len(same)}" if reference else "–"}
         base = rows.get(REFERENCE, {}).get("tokens_per_s")
-        for row in rows.values():
+        for m, row in rows.items():
             row["speedup_vs_ar"] = row["tokens_per_s"] / base if base else None
+            ratios = [v / rounds[REFERENCE][rep] for rep, v in rounds[m].items()
+                      if REFERENCE in rounds and rounds[REFERENCE].get(rep)]
+            row["speedup_range"] = [min(ratios), max(ratios)] if len(ratios) > 1 else None
         return rows
 
     return {"tasks": {t: block(lambda x, t=t: x == t) for t in tasks}, "overall": block(lambda x: True)}
@@ -120,12 +136,15 @@ def _median_each(lists: list) -> list[float] | None:
 
 
 def _fmt(value, pattern):
+    if pattern == "range":
+        return "–" if value is None else f"{value[0]:.2f}–{value[1]:.2f}"
     if isinstance(value, list):
         return "/".join("–" if v is None else pattern.format(v) for v in value)
     return "–" if value is None else pattern.format(value)
 
 
 COLUMNS = [("tokens_per_s", "tok/s", "{:.2f}"), ("speedup_vs_ar", "× ar", "{:.2f}"),
+           ("speedup_range", "× ar, lowest–highest repeat", "range"),
            ("mean_accepted_tokens", "accepted/fwd", "{:.2f}"), ("reuse_rate", "reuse", "{:.0%}"),
            ("fallback_frequency", "fallback", "{:.0%}"), ("t_exposed_ms", "exposed ms", "{:.0f}"),
            ("draft_tokens_per_call", "draft tok/call", "{:.2f}"),
