@@ -168,10 +168,10 @@ def print_anatomy(figures: dict[str, float], engine: Engine, context: int, conso
     if one and window:
         table.add_row(f"window ÷ 1-token step (γ+1 = {gamma + 1})", f"{window / one:.2f}×")
     for rows in (1, gamma + 1):   # what the step adds to its graphs: feeds, bindings, Python
-        graphs = [v for k, v in figures.items() if k.endswith(f"× {rows}") and k.startswith(("segment", "head"))]
-        if figures.get(f"target step × {rows}") and graphs:
+        keys = [segment_key(a, b, rows) for a, b in engine.target.graphs.layers] + [head_key(rows)]
+        if figures.get(f"target step × {rows}") and all(k in figures for k in keys):
             table.add_row(f"target step ÷ its graphs (segments + head), × {rows}",
-                          f"{figures[f'target step × {rows}'] / sum(graphs):.2f}×")
+                          f"{figures[f'target step × {rows}'] / sum(figures[k] for k in keys):.2f}×")
     seq = next((v for k, v in figures.items() if k.startswith("prefill") and k.endswith("sequential")), None)
     pipe = next((v for k, v in figures.items() if k.startswith("prefill") and k.endswith("pipelined")), None)
     if seq and pipe:

@@ -74,10 +74,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rows", type=int, default=2)
     parser.add_argument("--runs", type=int, default=30)
     args = parser.parse_args(argv)
-    try:
-        call_ms, ops = profile_segment(args.artifact, args.graph, args.context, args.rows, args.runs)
-    except MirrorDeployError as err:   # the problem and its fix, a non-zero exit, no traceback
-        raise SystemExit(f"error: {err}")
+    call_ms, ops = profile_segment(args.artifact, args.graph, args.context, args.rows, args.runs)
     kernels = sum(ms for ms, _ in ops.values())
     table = Table(title=f"{args.graph} of {args.artifact}, {args.rows} rows after {args.context} positions: "
                         f"call {call_ms:.2f} ms (median), kernels {kernels:.2f} ms (mean), "

@@ -102,8 +102,8 @@ class InPlaceKV:
     def window_feeds(start: int, seq: int, capacity: int, spare: int = 0) -> dict[str, np.ndarray]:
         """A fused segment's feeds besides its rows: position_ids (its causal mask is built from them), and
         seqlens_k / total_sequence_length, which every fused segment declares (kept from the
-        GroupQueryAttention graphs). Refused before any call when the window would run past the buffers; `spare` slots
-        past capacity hold an odd window's extra row (`_even_call`)."""
+        GroupQueryAttention graphs). Refused before any call when the window would run past the buffers;
+        `spare` slots past capacity hold an odd window's extra row (`_even_call`)."""
         if start + seq > capacity + spare:
             raise capacity_error("decoding", start + seq, capacity)
         return {"position_ids": np.arange(start, start + seq, dtype=np.int64)[None],

@@ -40,8 +40,9 @@ def open_graph(folder: Path, manifest: Manifest, name: str, part: PartProfile, l
         from .onnxruntime import OrtGraph
         return OrtGraph(path, logical, part.device, threads or 0, part.spinning)
     if any(spec["name"] == "seqlens_k" for spec in entry.inputs):
-        raise MirrorDeployError(f"{name} is a fused ONNX Runtime segment (K/V written in place by TensorScatter), which "
-                                f"{part.backend} cannot run", "re-export with --target-attention eager for this profile")
+        raise MirrorDeployError(f"{name} is a fused ONNX Runtime segment (K/V written in place by TensorScatter), "
+                                f"which {part.backend} cannot run",
+                                "re-export with --target-attention eager for this profile")
     from .openvino import OvGraph
     dims = None
     if entry.static:
