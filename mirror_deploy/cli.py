@@ -17,8 +17,12 @@ err = Console(stderr=True)
 
 
 @app.callback()
-def _group():
-    """Keep sub-commands even while only one is registered."""
+def _group(verbose: bool = typer.Option(False, "--verbose", help="Let the runtimes log warnings too "
+                                        "(default: errors only).")):
+    """Options of every sub-command."""
+    import os
+    if verbose:
+        os.environ["MIRROR_DEPLOY_VERBOSE"] = "1"
 
 
 def friendly(fn):
@@ -184,7 +188,7 @@ def bench(
                                         "this profile by its measured costs, down to autoregressive steps; "
                                         "otherwise within [1, γ]."),
     profile: Optional[str] = typer.Option(None),
-    specbench: Optional[Path] = typer.Option(None, help="SpecBench question.jsonl (default ../shared/data)."),
+    specbench: Optional[Path] = typer.Option(None, help="SpecBench question.jsonl (default: the copy shipped in the package; or $MIRROR_DEPLOY_SPECBENCH)."),
     out: Path = typer.Option(Path("bench-results"), help="Folder for results.jsonl, summary.md/json, speedup.png."),
     anatomy: bool = typer.Option(False, "--anatomy", help="Instead of SpecBench: time each part of a step "
                                  "(segments, head, draft widths, prefill) on the artifact's devices."),
@@ -215,10 +219,13 @@ def serve(
                                              "name)."),
     profile: Optional[str] = typer.Option(None, help="Device profile (default: the artifact's)."),
     log_level: str = typer.Option("info", help="uvicorn log level: debug | info | warning | error."),
+    lookup: Optional[bool] = typer.Option(None, "--lookup/--no-lookup", help="sd/mirror: prompt-lookup windows "
+                                          "beside the draft model's, as `run --lookup`. Default: as `tune` "
+                                          "measured it for sd, else off."),
 ):
     """Serve the pair behind an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /metrics)."""
     from .serve import serve as run_server
-    run_server(artifact, host, port, mode, profile, max_queue, model_name, log_level, err)
+    run_server(artifact, host, port, mode, profile, max_queue, model_name, log_level, err, lookup=lookup)
 
 
 @app.command("learn-exit")

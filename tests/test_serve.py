@@ -398,3 +398,26 @@ def test_a_failing_generation_is_a_500_and_the_server_lives_on(engine, monkeypat
             max_new_tokens=8, temperature=0)).text
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("lookup", [True, False])
+def test_serve_lookup_beside_the_draft_keeps_the_output(artifact, engine, lookup):
+    """`serve --lookup` (as `run --lookup`): every request's sd windows may come from prompt lookup, and the
+    text is still the target's own."""
+    from fastapi.testclient import TestClient
+
+    from mirror_deploy.serve.app import create_app
+
+    prompt = "abc abc abc abc abc abc abc abc abc"
+    want = engine.generate(prompt, GenerationConfig(mode="ar", max_new_tokens=24), chat=False)
+    with TestClient(create_app(engine, "m", 4, "sd", lookup=lookup)) as client:
+        reply = client.post("/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": 24,
+                                                       "temperature": 0}).json()
+    assert reply["choices"][0]["text"] == want.text
+    assert reply["mirror"]["mode"] == "sd"
+    assert (reply["mirror"]["lookup_windows"] > 0) == lookup
+
+
+def test_serve_refuses_lookup_with_mode_ar(artifact):
+    result = CliRunner().invoke(app, ["serve", str(artifact), "--mode", "ar", "--lookup", "--port", "0"])
+    assert result.exit_code == 2 and "lookup beside the draft" in " ".join(result.output.split())

@@ -13,7 +13,7 @@ call sees the same context. Variants alternate order call by call; figures are m
 the decoder pays once every many steps, is timed on its own.
 
 (a) `--stand-in`: random weights at Qwen2.5-0.5B widths (24 layers, 896 wide, 14 heads, 2 KV heads) with a
-    4096-token vocabulary, the stand-in of docs/fast-graphs.md; (b) `--checkpoint DIR`: a real draft,
+    4096-token vocabulary (random weights: the layers' cost without the real LM head); (b) `--checkpoint DIR`: a real draft,
     real LM head included (e.g. ~/.cache/mirror-deploy/qwen2.5-coder-0.5b-instruct).
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ DROPPED = 96   # dropped slots left in the K/V for the cost-of-masking figure
 
 
 def build_stand_in(folder: Path) -> Path:
-    """Random weights at the 0.5B draft's widths (small vocabulary, as in docs/fast-graphs.md)."""
+    """Random weights at the 0.5B draft's widths (small vocabulary: the layers' cost, not the head's)."""
     from transformers import Qwen2Config
     if not (folder / "config.json").is_file():
         config = Qwen2Config(vocab_size=4096, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,

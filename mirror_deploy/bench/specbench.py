@@ -1,6 +1,7 @@
 """SpecBench prompts (480 questions, six tasks): the first turn of each, in the chat template."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -20,11 +21,23 @@ class BenchPrompt:
     ids: list[int]
 
 
+# The questions ship with the package (data/specbench/NOTICE.md: origin, commit, license).
+PACKAGED = Path(__file__).resolve().parent / "data" / "specbench" / "question.jsonl"
+PACKAGED_SHA256 = "4b6d33e79484f9841c487ee87d1cf6aa8c6066f61d5d482ff09e5a007fafdf04"
+
+
 def default_path() -> Path:
     env = os.environ.get("MIRROR_DEPLOY_SPECBENCH")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[3] / "shared" / "data" / "specbench" / "question.jsonl"
+    return PACKAGED
+
+
+def _check_packaged(path: Path, data: bytes) -> None:
+    """The packaged file is the published one: figures from an edited copy would not be SpecBench's."""
+    if path.resolve() == PACKAGED and hashlib.sha256(data).hexdigest() != PACKAGED_SHA256:
+        raise MirrorDeployError(f"the packaged SpecBench questions at {path} differ from the published file "
+                                "(sha256 mismatch)", "reinstall mirror-deploy, or pass --specbench PATH")
 
 
 def task_of(category: str) -> str:
@@ -46,7 +59,9 @@ def load_prompts(tokenizer, per_task: int = 1, path: Path | None = None, chat: b
     if not path.is_file():
         raise MirrorDeployError(f"SpecBench questions not found at {path}",
                                 "pass --specbench PATH or set MIRROR_DEPLOY_SPECBENCH")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    data = path.read_bytes()
+    _check_packaged(path, data)
+    rows = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
     by_task: dict[str, list[dict]] = {t: [] for t in tasks}
     for row in rows:
         task = task_of(row["category"])

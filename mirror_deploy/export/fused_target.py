@@ -269,7 +269,6 @@ def _invariant_attention(g: _Graph, q: str, i: int, shape, rotary: tuple[str, st
                              const("q4", [1, kv, -1, hd])], f"{name}/QRows")
     if group == 1:   # one query head per K/V head: run every row twice so the GEMM never sees one row
         rows = g.one("Concat", [rows, rows], f"{name}/TwiceRows", axis=2)
-    zero, axis = const("zero", [0]), const("axis2", [2])
     keys, values = f"present_key.{i}", f"present_value.{i}"
     scores = g.one("MatMul", [rows, g.one("Transpose", [keys], f"{name}/KeysT", perm=[0, 1, 3, 2])], f"{name}/Scores")
     scores = g.one("Add", [g.one("Mul", [scores, const("scale", scale, np.float32)], f"{name}/Scale"), mask],
@@ -277,7 +276,7 @@ def _invariant_attention(g: _Graph, q: str, i: int, shape, rotary: tuple[str, st
     out = g.one("MatMul", [g.one("Softmax", [scores], f"{name}/Softmax", axis=-1), values], f"{name}/Context")
     if group == 1:
         seq = g.one("Shape", ["position_ids"], f"{name}/Seq", start=1, end=2)
-        out = g.one("Slice", [out, zero, seq, axis], f"{name}/OnceRows")
+        out = g.one("Slice", [out, const("zero", [0]), seq, const("axis2", [2])], f"{name}/OnceRows")
     # [1, kv, seq·group, hd] -> [1, seq, h·hd]
     out = g.one("Reshape", [out, const("o5", [1, kv, -1, group, hd])], f"{name}/OHeads")
     out = g.one("Transpose", [out], f"{name}/OByToken", perm=[0, 2, 1, 3, 4])
@@ -418,7 +417,11 @@ def build_fused_segment(model, arch, shape, layers: range, capacity: int, path: 
 
 
 def _save(g: _Graph, name: str, inputs: list[TensorSpec], outputs: list[TensorSpec], path: Path) -> Path:
-    """The written nodes and weights as one model at `path` (large tensors already sit in the side file)."""
+    """The written nodes and weights as one model at `path` (large tensors already sit in the side file).
+    A weight no node reads is an error of the builder: ONNX Runtime would warn of it at every load."""
+    read = {x for node in g.nodes for x in node.input}
+    unused = [w.name for w in g.weights if w.name not in read]
+    assert not unused, f"{name}: initializers no node reads: {unused[:5]}"
     graph = helper.make_graph(g.nodes, name, [_value_info(s) for s in inputs], [_value_info(s) for s in outputs],
                               g.weights)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),

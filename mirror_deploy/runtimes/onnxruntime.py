@@ -1,6 +1,7 @@
 """ONNX Runtime backend: provider preference per profile, explicit thread counts, no silent fallback."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -27,6 +28,11 @@ def provider_for(device: str) -> str:
                                 f"use one of: {', '.join(PROVIDERS)}") from None
 
 
+def log_severity() -> int:
+    """ONNX Runtime logs errors only (3), warnings and more with `mirror-deploy --verbose` (1)."""
+    return 1 if os.environ.get("MIRROR_DEPLOY_VERBOSE") else 3
+
+
 def require_provider(device: str) -> str:
     provider = provider_for(device)
     available = ort.get_available_providers()
@@ -44,6 +50,7 @@ class OrtGraph:
         """`profile_prefix`: record ONNX Runtime's per-op profile there (bench.op_profile)."""
         provider = require_provider(device)
         opts = ort.SessionOptions()
+        opts.log_severity_level = log_severity()
         if profile_prefix:
             opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
         opts.intra_op_num_threads = threads

@@ -5,7 +5,7 @@ import ipaddress
 import logging
 from pathlib import Path
 
-from ..decoding.config import MODES
+from ..decoding.config import MODES, GenerationConfig
 from ..errors import MirrorDeployError
 
 log = logging.getLogger("mirror_deploy.serve")
@@ -30,7 +30,8 @@ def check_options(mode: str | None, port: int, max_queue: int) -> None:
 
 
 def serve(folder: Path, host: str = "127.0.0.1", port: int = 8000, mode: str | None = None, profile: str | None = None,
-          max_queue: int = 16, model_name: str | None = None, log_level: str = "info", console=None) -> None:
+          max_queue: int = 16, model_name: str | None = None, log_level: str = "info", console=None,
+          lookup: bool | None = None) -> None:
     """Load the engine, then serve until Ctrl-C (which drains the requests in flight and those queued)."""
     import uvicorn
 
@@ -41,11 +42,13 @@ def serve(folder: Path, host: str = "127.0.0.1", port: int = 8000, mode: str | N
     engine = Engine(folder, profile)
     mode = mode or engine.default_mode()[0]   # the tuned best mode, resolved once for every request
     engine.require_draft(mode)                # sd/mirror on a target-only artifact: refused before listening
+    GenerationConfig(mode=mode, lookup=lookup).validate()   # --lookup with ar/lookup: refused before listening
     name = model_name or Path(folder).resolve().name
-    app = create_app(engine, name, max_queue, mode)
+    app = create_app(engine, name, max_queue, mode, lookup)
     if console is not None:
         where = f"http://{host}:{port}/v1" if port else f"{host}, on a free port (uvicorn names it below)"
-        console.print(f"serving [bold]{name}[/] ({mode}) on {where} — Ctrl-C drains and stops")
+        beside = {True: " + lookup", False: ", no lookup"}.get(lookup, "")
+        console.print(f"serving [bold]{name}[/] ({mode}{beside}) on {where} — Ctrl-C drains and stops")
         if not is_loopback(host):
             console.print(f"[yellow]note:[/] listening on {host}, not only this machine; the API has no "
                           "authentication")

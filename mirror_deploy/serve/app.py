@@ -21,7 +21,7 @@ from .schemas import ChatRequest, CompletionRequest, error_body
 from .worker import Delta, Done, EngineWorker, Failed, Job, QueueFull, ShuttingDown
 
 MIRROR_FIGURES = ("mode", "schedule", "tokens_per_s", "mean_accepted_tokens", "reuse_rate", "fallback_frequency",
-                  "exit_hit_rate", "steps", "prefill_s", "decode_s")
+                  "exit_hit_rate", "steps", "prefill_s", "decode_s", "lookup_windows")
 DISCONNECT_POLL_S = 0.05   # a client gone mid-request frees the engine within ~one step
 
 
@@ -52,11 +52,11 @@ def _describe_validation(exc: RequestValidationError) -> ApiError:
 class Server:
     """The routes' shared state: one engine (on its worker thread), its model name, its figures."""
 
-    def __init__(self, engine: Engine, model_name: str, max_queue: int, mode: str):
+    def __init__(self, engine: Engine, model_name: str, max_queue: int, mode: str, lookup: bool | None = None):
         if engine.tokenizer is None:
             raise MirrorDeployError("this artifact has no tokenizer, so it cannot serve text",
                                     "re-export from a checkpoint that has a tokenizer")
-        self.engine, self.model_name, self.mode = engine, model_name, mode
+        self.engine, self.model_name, self.mode, self.lookup = engine, model_name, mode, lookup
         self.tokenizer = engine._load_tokenizer()   # the request side's own copy: tokenizers are not shared
         self.metrics = ServerMetrics(lambda: self.worker.depth(), lambda: int(self.worker.busy))
         self.worker = EngineWorker(engine, max_queue, self._record)
@@ -73,7 +73,8 @@ class Server:
 
     def _config(self, req, prompt_len: int) -> GenerationConfig:
         cfg = GenerationConfig(max_new_tokens=1, temperature=req.temperature, top_p=req.top_p,
-                               seed=req.seed if req.seed is not None else secrets.randbelow(2**31), mode=self.mode)
+                               seed=req.seed if req.seed is not None else secrets.randbelow(2**31), mode=self.mode,
+                               lookup=self.lookup)
         room = self.engine.room(prompt_len, cfg)
         limit = req.token_limit()
         if room < 1 or (limit is not None and limit > room):
@@ -223,8 +224,9 @@ async def _stream(server: Server, job: Job, req, shapes: Shapes, prompt_tokens: 
         job.cancel()    # the client went away (or we are done): the engine stops at its next step
 
 
-def create_app(engine: Engine, model_name: str, max_queue: int = 16, mode: str = "mirror") -> FastAPI:
-    server = Server(engine, model_name, max_queue, mode)
+def create_app(engine: Engine, model_name: str, max_queue: int = 16, mode: str = "mirror",
+               lookup: bool | None = None) -> FastAPI:
+    server = Server(engine, model_name, max_queue, mode, lookup)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
