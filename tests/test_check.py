@@ -189,8 +189,8 @@ def test_a_quantized_exit_is_judged_by_the_lens_top_token_inside_its_top_k(tmp_p
     fine (it only ranks branches); a broken exit rarely has the lens's top token anywhere in its top-κ."""
     import numpy as np
     from types import SimpleNamespace
-    from mirror_deploy.check_report import CheckReport
-    from mirror_deploy.parity import _exit_row
+    from mirror_deploy.check.report import CheckReport
+    from mirror_deploy.check.parity import _exit_row
     rng = np.random.default_rng(0)
     lens = rng.standard_normal((40, 1000)).astype(np.float32)
     order = np.argsort(-lens, axis=-1)[:, :8]

@@ -209,7 +209,7 @@ def test_sampling_keeps_target_distribution(tiny_vocab, mode, rule, schedule):
 def test_chi_square_catches_a_lossy_rule(tiny_vocab, monkeypatch):
     """The test above can fail: a rule that accepts every draft token gives the draft's distribution."""
     engine, model, torch = tiny_vocab
-    import mirror_deploy.decoding.loops as loops
+    import mirror_deploy.decoding.speculative as loops
     from mirror_deploy.decoding.sampling import sample
     monkeypatch.setattr(loops, "verify_rejection",
                         lambda drafts, p, q, rng: (len(drafts), sample(p[len(drafts)], rng)))

@@ -20,7 +20,7 @@ from mirror_deploy.export.pipeline import ExportOptions, export_artifact
 from mirror_deploy.runtimes.loader import open_target
 from mirror_deploy.targets import Profile
 from mirror_deploy.tiny import build_model, perturbed, tiny_config, tiny_tokenizer
-from mirror_deploy.tiny_gguf import ALTERNATE_TYPES, MIXED_TYPES, random_blocks, write_tiny_gguf
+from mirror_deploy.tiny.gguf import ALTERNATE_TYPES, MIXED_TYPES, random_blocks, write_tiny_gguf
 
 QUIET = Console(quiet=True)
 OPTS = dict(kappa=4, gamma=4, max_context=320, branch_batch=4, profile="cpu")

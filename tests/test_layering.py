@@ -55,6 +55,21 @@ def test_the_import_reader_sees_relative_and_lazy_imports(tmp_path, monkeypatch)
     ("decoding", ("mirror_deploy.tuning", "mirror_deploy.bench", "mirror_deploy.cli")),
     ("costs", ("mirror_deploy.decoding", "mirror_deploy.tuning", "mirror_deploy.runtimes", "mirror_deploy.bench")),
     ("runtimes", ("mirror_deploy.decoding", "mirror_deploy.tuning", "mirror_deploy.bench")),
+    ("tuning", ("mirror_deploy.bench", "mirror_deploy.cli")),   # the timing both use sits below both
+    ("check", ("mirror_deploy.bench", "mirror_deploy.cli")),
 ])
 def test_a_layer_imports_nothing_above_it(layer, forbidden):
     assert offenders(layer, forbidden) == []
+
+
+def test_the_package_root_holds_few_modules():
+    """Concerns live in their rooms (check/, tiny/, ...): the root keeps the entry points and the shared basics."""
+    root = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(root) <= 13, root
+
+
+def test_the_speculative_loop_reads_at_a_glance():
+    source = (PACKAGE / "decoding" / "speculative.py").read_text()
+    tree = ast.parse(source)
+    loop = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "speculative")
+    assert loop.end_lineno - loop.lineno + 1 <= 40

@@ -75,7 +75,7 @@ def test_lookup_sampling_keeps_target_distribution(tiny_vocab, rule):
 def test_the_distribution_check_catches_lookup_proposals_taken_whole(tiny_vocab, monkeypatch):
     """The test above can fail: committing every lookup proposal makes the prompt's pattern likelier."""
     engine, model, torch = tiny_vocab
-    import mirror_deploy.decoding.loops as loops
+    import mirror_deploy.decoding.speculative as loops
     from mirror_deploy.decoding.sampling import sample
     monkeypatch.setattr(loops, "verify_rejection",
                         lambda drafts, p, q, rng: (len(drafts), sample(p[len(drafts)], rng)))

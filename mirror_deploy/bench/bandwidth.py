@@ -50,7 +50,7 @@ def graph_bytes(folder: Path, manifest: Manifest, name: str) -> tuple[int, int]:
 
 def bandwidth_rows(folder: Path, manifest: Manifest, profile, figures: dict[str, float], gamma: int) -> list[tuple]:
     """(graph, weight MB, streamed MB, ms at 1 row, GB/s at 1 row, {rows: ratio to 1 row}) per timed graph."""
-    from .anatomy import draft_key, head_key, segment_key
+    from ..timing import draft_key, head_key, segment_key
     rows = []
     names = manifest.target_segments()
     widths = sorted({int(k.rsplit("× ", 1)[1]) for k in figures if k.startswith("target step ×")})

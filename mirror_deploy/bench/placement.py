@@ -25,7 +25,7 @@ from ..decoding.draft import DraftRunner
 from ..decoding.drive import DraftDriver
 from ..runtimes import openvino as ovrt
 from ..runtimes.kv import COMMITTED
-from .anatomy import interleaved
+from ..timing import interleaved
 
 ALL = os.cpu_count() or 1
 TARGETS = {  # name -> (intra-op threads, spinning, prepacked weights)

@@ -17,7 +17,8 @@ from .config import DEFAULT_MODE, GenerationConfig
 from .draft import DraftRunner
 from .lookup import LookupDraft, LookupWindow, tuned_step_seconds
 from .lookup_beside import LookupBeside
-from .loops import autoregressive, speculative
+from .loops import autoregressive
+from .speculative import speculative
 from .metrics import RunMetrics
 from .target import TargetRunner
 

@@ -100,7 +100,7 @@ def train(folder: Path, manifest, config, prompts, new_tokens: int, code_tokens:
 def call_ratio(folder: Path, manifest, rounds: int = 15) -> float:
     """Median ms of a one-token call of the streamed graph ÷ the plain graph's, interleaved, on the
     artifact's own profile (the figure the policy scales draft costs by)."""
-    from ..bench.anatomy import draft_call_items, interleaved
+    from ..timing import draft_call_items, interleaved
     from ..decoding.draft import DraftRunner
     from ..runtimes.loader import open_draft
     from ..targets import Profile

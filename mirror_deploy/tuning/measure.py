@@ -8,7 +8,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..bench.anatomy import (draft_items, draft_key, head_key, interleaved, running_beside, segment_key,
+from ..timing import (draft_items, draft_key, head_key, interleaved, running_beside, segment_key,
                              target_items)
 from ..decoding.engine import Engine
 from ..errors import MirrorDeployError

@@ -145,7 +145,7 @@ def heldout_rates(engine: Engine, sequences, ranking: np.ndarray, sizes: list[in
 
 def _timed_candidates(engine: Engine, manifest: Manifest, ranking, sizes, opts: VocabOptions, scratch: Path):
     """Median ms of a width-1 call of each cut (and the current head), and of the target's γ+1 window."""
-    from ..bench.anatomy import draft_call_items, interleaved, target_items
+    from ..timing import draft_call_items, interleaved, target_items
     from ..runtimes.loader import open_graph
     from ..decoding.draft import DraftRunner
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .artifact import Manifest
-from .check_report import CheckReport
-from .decoding.drive import DraftDriver, TargetDriver
-from .errors import MirrorDeployError
-from .reference import Reference
-from .runtimes.kv import COMMITTED
-from .runtimes.loader import target_graph_names, target_graphs
+from ..artifact import Manifest
+from .report import CheckReport
+from ..decoding.drive import DraftDriver, TargetDriver
+from ..errors import MirrorDeployError
+from ..reference import Reference
+from ..runtimes.kv import COMMITTED
+from ..runtimes.loader import target_graph_names, target_graphs
 
 # fp32 drift grows with the size of the logits: a 30-layer real model whose logits reach tens drifts by
 # ~1e-4 between PyTorch and a runtime, a tiny random one by ~1e-6. The limit is the larger of an absolute
@@ -104,8 +104,8 @@ def _adapter_rows(m: Manifest, graphs, report, rng, atol) -> None:
     """Each learned exit's ONNX graph against the translator weights it was exported from."""
     import torch
 
-    from .tuning.attach import weights_file
-    from .tuning.translator import load_translators
+    from ..tuning.attach import weights_file
+    from ..tuning.translator import load_translators
     names = [k for k in m.graphs if k.startswith("exit_adapter_")]
     if not names:
         return

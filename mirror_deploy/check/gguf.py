@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .artifact import Manifest
-from .check_report import CheckReport
+from ..artifact import Manifest
+from .report import CheckReport
 
 FP16_ROUNDING = 2.0 ** -11   # half an fp16 ulp, relative to the tensor's largest weight
 _GROUPS = {"attn.qkv_proj": ("attn_q", "attn_k", "attn_v"), "attn.o_proj": ("attn_output",),
@@ -33,7 +33,7 @@ def gguf_sources(group: str, tensors: dict) -> list[str]:
 
 def _dense_from_graph(folder: Path, inits: dict, nodes: dict, prefix: str) -> np.ndarray:
     """A projection part's MatMulNBits blocks (and offsets), expanded the way the graph computes them."""
-    from .export.gguf_weights import MappedWeight
+    from ..export.gguf_weights import MappedWeight
     node = nodes[f"{prefix}.qweight"]
     bits, block = (next(a.i for a in node.attribute if a.name == key) for key in ("bits", "block_size"))
     packed = numpy_helper.to_array(inits[f"{prefix}.qweight"], str(folder))
@@ -64,7 +64,7 @@ def _graph_projections(folder: Path, m: Manifest, names: list[str]):
 
 def _graph_table(folder: Path, inits: dict) -> np.ndarray | None:
     """A token table kept in its GGUF blocks (`fused_target._gguf_table`), expanded the way the graph does."""
-    from .export.gguf_weights import GgufBlocks, unpack
+    from ..export.gguf_weights import GgufBlocks, unpack
     bits = next((b for b in (4, 8) if f"embed_tokens.codes{b}" in inits), None)
     if bits is None:
         return None
@@ -80,7 +80,7 @@ def check_gguf_weights(folder: Path, m: Manifest, intact: set[str], report: Chec
     from gguf import GGUFReader, quants
     from transformers import AutoConfig
 
-    from .export.gguf_model import permuted_heads, qk_row_order
+    from ..export.gguf_model import permuted_heads, qk_row_order
     names = [*m.target_segments(), "target_head"]
     path = Path(m.target.get("gguf_file", ""))
     if not all(n in intact for n in names) or not path.is_file():
@@ -118,8 +118,8 @@ def check_gguf_draft(folder: Path, m: Manifest, intact: set[str], report: CheckR
     them against gguf-py's dequantization, per type (types with a minimum fold it into a float zero point)."""
     from gguf import GGUFReader, quants
 
-    from .export.gguf_weights import DENSE
-    from .export.openvino_gguf import graph_gguf_weights
+    from ..export.gguf_weights import DENSE
+    from ..export.openvino_gguf import graph_gguf_weights
     path = Path((m.draft or {}).get("gguf_file", ""))
     graphs = [g for g in ("draft_stateful", "draft_static") if g in m.graphs]
     if not path.is_file() or not all(g in intact for g in graphs):

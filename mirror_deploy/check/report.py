@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .errors import MirrorDeployError
+from ..errors import MirrorDeployError
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifact import Manifest
-from .check_report import CheckReport
-from .errors import MirrorDeployError
-from .targets import Profile
+from ..artifact import Manifest
+from .report import CheckReport
+from ..errors import MirrorDeployError
+from ..targets import Profile
 
 CHECK = "streams"
 
@@ -60,9 +60,9 @@ def weight_rows(folder: Path, m: Manifest, intact: set[str], report: CheckReport
 
 def parity_rows(folder: Path, m: Manifest, prof: Profile, pairs: list[tuple[str, str]], report: CheckReport,
                 seed: int = 0) -> None:
-    from .decoding.draft import DraftRunner
-    from .runtimes.kv import COMMITTED
-    from .runtimes.loader import draft_graph_name, open_draft
+    from ..decoding.draft import DraftRunner
+    from ..runtimes.kv import COMMITTED
+    from ..runtimes.loader import draft_graph_name, open_draft
     try:
         used = draft_graph_name(m, prof)
     except MirrorDeployError as err:

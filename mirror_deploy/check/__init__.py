@@ -14,19 +14,19 @@ from pathlib import Path
 
 import onnx
 
-from .artifact import MANIFEST, Manifest, read_manifest, verify_files
+from ..artifact import MANIFEST, Manifest, read_manifest, verify_files
 # check's API: check_artifact, print_report, the row results and the parity bounds
-from .check_report import FAIL, PASS, SKIP, CheckReport, Row, print_report  # noqa: F401
-from .errors import MirrorDeployError
-from .export.architectures import arch_for
-from .export.onnx_export import read_io
-from .export.openvino_ir import ir_io
-from .check_gguf import check_gguf_draft, check_gguf_weights
-from .check_streams import check_streams
+from .report import FAIL, PASS, SKIP, CheckReport, Row, print_report  # noqa: F401
+from ..errors import MirrorDeployError
+from ..export.architectures import arch_for
+from ..export.onnx_export import read_io
+from ..export.openvino_ir import ir_io
+from .gguf import check_gguf_draft, check_gguf_weights
+from .streams import check_streams
 from .parity import ATOL, DRAFT_GRAPHS, RTOL, TOP1_MIN, check_parity, fp32_limit, mean_kl, parity_names  # noqa: F401
-from .runtimes.loader import with_vocab, draft_graph_name, open_graph, target_graph_names
-from .runtimes.openvino import core
-from .targets import PartProfile, Profile, load_profile
+from ..runtimes.loader import with_vocab, draft_graph_name, open_graph, target_graph_names
+from ..runtimes.openvino import core
+from ..targets import PartProfile, Profile, load_profile
 
 TARGET_HEADS = ("target_head", "exit_head")
 CPU_STAND_IN = {"onnx": PartProfile("onnxruntime", "cpu", 1),
@@ -203,7 +203,7 @@ def _check_fused_target(folder: Path, m: Manifest, intact: set[str], report: Che
 
 def _check_tuning(folder: Path, m: Manifest, report: CheckReport) -> None:
     """tuning.json (when `mirror-deploy tune` ran): its hash, and choices the artifact can run."""
-    from .costs.tuned import read_tuning
+    from ..costs.tuned import read_tuning
     if not m.tuning:
         report.add("tuning", "tuning.json", True, "not tuned: runs use the manifest's defaults "
                    "(`mirror-deploy tune DIR` measures and chooses settings)")
