@@ -129,3 +129,19 @@ def run_prompt(artifact: Path, profile: str | None, text: str, cfg, chat: bool, 
         print(json.dumps(record), flush=True)
     if stats:
         print_stats({result.summary["mode"]: result.summary})
+        Console(stderr=True).print(f"4-bit kernel: {kernel_line(engine)}", highlight=False)
+
+
+def kernel_line(engine) -> str:
+    """Which 4-bit matrix kernel this run's target used, and where ours stands on this machine."""
+    from .kernels import status
+    ours = status()
+    weights = engine.manifest.target_weights
+    if weights not in ("int4", "gguf"):
+        ran = f"none (target weights {weights})"
+    elif engine.profile.target.backend == "onnxruntime":
+        ran = "stock: ONNX Runtime MatMulNBits"
+    else:
+        ran = "stock: OpenVINO compressed MatMul"
+    return (f"{ran}; ours {'built, ' + ours.isa + ' (' + ours.why + ')' if ours.available else 'not usable: ' + ours.why}"
+            ", not yet in an exported graph")

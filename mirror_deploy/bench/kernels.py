@@ -1,6 +1,6 @@
 """The 4-bit kernel routes on this machine at 1 / 2 / 4 / 8 rows: what a verify window can cost.
 
-    python -m mirror_deploy.bench.kernels [--layers 6] [--rounds 9] [--threads 2] [--gguf FILE] [--inductor]
+    python -m mirror_deploy.bench.kernels [--layers 6] [--rounds 9] [--threads 2] [--gguf FILE] [--inductor] [--only ROUTES]
 
 Every route multiplies the same stack of projections of the real target's shapes (Qwen2.5-1.5B: q/k/v packed
 1536→2048, o 1536→1536, gate/up packed 1536→17920, down 8960→1536, `--layers` layers: more weight bytes than
@@ -73,6 +73,29 @@ def ov_route(weights, threads: int, dynamic_quantization: bool):
     return lambda x, y: [t.copy() for t in request.infer({"x1536": x, "x8960": y}).values()]
 
 
+def q4_route(weights, threads: int):
+    """Ours (mirror_deploy/kernels): the same int4 g128 codes in our layout, int8 activations, as an OpenVINO
+    extension op; its ISA path is the one `python -m mirror_deploy.kernels status` names."""
+    import tempfile
+
+    import onnx
+    import openvino as ov
+
+    from ..kernels import layout, load_into
+    from ..kernels.graph import matmuls_model
+
+    packed = [layout.pack(*layout.quantize(np.ascontiguousarray(w.T), 128), 128) for w in weights]
+    core = ov.Core()
+    load_into(core)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "q4.onnx"
+        onnx.save(matmuls_model(packed), str(path))
+        compiled = core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                                                          "INFERENCE_PRECISION_HINT": "f32"})
+    request = compiled.create_infer_request()
+    return lambda x, y: [t.copy() for t in request.infer({"x1536": x, "x8960": y}).values()]
+
+
 def torch_route(weights, threads: int, compiled: bool):
     """torch's CPU int4 pack (`_weight_int4pack_mm_for_cpu`, groups of 128, bf16 activations), eager or
     through Inductor's C++ WOQ-int4 GEMM template (max-autotune picks it where it beats the eager kernel)."""
@@ -124,7 +147,7 @@ def llama_bench_ms(gguf: Path, threads: int, rounds: int) -> dict[int, float]:
 def main(argv=None) -> None:
     from rich.console import Console
     from rich.table import Table
-    from .anatomy import interleaved
+    from ..timing import interleaved
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=6)
@@ -132,6 +155,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gguf", type=Path, default=None, help="also time llama.cpp's forward on this file")
     parser.add_argument("--inductor", action="store_true", help="also time torch.compile's int4 GEMM template")
+    parser.add_argument("--only", default="ort,ov,torch,ours",
+                        help="route families to time, comma-separated: ort, ov, torch, ours")
     args = parser.parse_args(argv)
     if args.gguf is not None and not args.gguf.is_file():
         parser.exit(1, f"error: --gguf {args.gguf} is not a file. fix: pass a .gguf file, e.g. "
@@ -141,12 +166,26 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(0)
     weights = _weights(args.layers, rng)
     streamed = sum(w.size for w in weights) / 2          # 4-bit weights, bytes (scales aside)
-    routes = {f"ORT MatMulNBits acc{level} block{block}": ort_route(weights, args.threads, block, level)
-              for level, block in ((4, 128), (4, 32), (0, 128))}
-    routes["OpenVINO int4 g128, int8 activations"] = ov_route(weights, args.threads, True)
-    routes["OpenVINO int4 g128, fp32 activations"] = ov_route(weights, args.threads, False)
-    routes["torch int4pack g128, bf16 activations"] = torch_route(weights, args.threads, False)
-    if args.inductor:
+    only = {f.strip() for f in args.only.split(",") if f.strip()}
+    if not only or only - {"ort", "ov", "torch", "ours"}:
+        parser.exit(1, f"error: --only {args.only!r} names no known route family. fix: use ort, ov, torch, ours\n")
+    routes = {}
+    if "ort" in only:
+        routes.update({f"ORT MatMulNBits acc{level} block{block}": ort_route(weights, args.threads, block, level)
+                       for level, block in ((4, 128), (4, 32), (0, 128))})
+    if "ours" in only:
+        from ..kernels import status
+        kernel = status()
+        if kernel.available:
+            routes[f"ours: Q4MatMul g128 ({kernel.isa}), int8 activations"] = q4_route(weights, args.threads)
+        else:
+            print(f"note: our kernel is not in the table: {kernel.why}")
+    if "ov" in only:
+        routes["OpenVINO int4 g128, int8 activations"] = ov_route(weights, args.threads, True)
+        routes["OpenVINO int4 g128, fp32 activations"] = ov_route(weights, args.threads, False)
+    if "torch" in only:
+        routes["torch int4pack g128, bf16 activations"] = torch_route(weights, args.threads, False)
+    if args.inductor and "torch" in only:
         routes["torch.compile int4 GEMM template"] = torch_route(weights, args.threads, True)
     x = {r: (rng.standard_normal((r, 1536)).astype(np.float32), rng.standard_normal((r, 8960)).astype(np.float32))
          for r in ROWS}

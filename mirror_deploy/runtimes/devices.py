@@ -64,6 +64,8 @@ def print_devices(console) -> None:
         table.add_row("openvino", device, full_name)
     for provider in onnxruntime_providers():
         table.add_row("onnxruntime", provider, "")
+    from ..kernels import status
+    table.add_row("4-bit kernel", "CPU", status().summary())
     console.print(table)
     fits = Table(title="built-in profiles")
     for col in ("profile", "target", "draft", "runs here", "missing"):
