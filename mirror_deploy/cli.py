@@ -17,12 +17,10 @@ err = Console(stderr=True)
 
 
 @app.callback()
-def _group(verbose: bool = typer.Option(False, "--verbose", help="Let the runtimes log warnings too "
-                                        "(default: errors only).")):
+def _group(verbose: bool = typer.Option(False, "--verbose", help="Runtimes log warnings too (default: errors).")):
     """Options of every sub-command."""
-    import os
     if verbose:
-        os.environ["MIRROR_DEPLOY_VERBOSE"] = "1"
+        __import__("os").environ["MIRROR_DEPLOY_VERBOSE"] = "1"
 
 
 def friendly(fn):
@@ -389,16 +387,13 @@ def demo(
     max_new_tokens: int = typer.Option(64),
     tiny: bool = typer.Option(False, "--tiny", help="Tiny random models instead of the real pair (seconds)."),
 ):
-    """Pull the default pair, export it, run one prompt with Mirror-SD next to autoregressive decoding."""
+    """Pull the default pair's GGUF files, export and tune them, run one prompt in AR, SD, Mirror and the
+    tuned default mode."""
     from .demo import DEMO_PROMPT, run_demo
     if tiny and out == Path("artifacts/demo-qwen2.5-coder"):
         out = Path("artifacts/demo-tiny")
     run_demo(out, prompt or DEMO_PROMPT, max_new_tokens, tiny, err)
 
 
-def main():  # pragma: no cover
-    app()
-
-
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(app())

@@ -82,7 +82,8 @@ def test_a_token_table_kept_in_its_blocks_gathers_gguf_rows_bit_for_bit(gguf_typ
     from gguf import GGMLQuantizationType, quants
     from onnx import TensorProto, helper
 
-    from mirror_deploy.export.fused_target import _embedding, _Graph
+    from mirror_deploy.export.fused_embedding import embedding as _embedding
+    from mirror_deploy.export.fused_target import _Graph
     from mirror_deploy.export.gguf_model import QuantEmbedding
     from mirror_deploy.export.gguf_weights import read_blocks
     rng = np.random.default_rng(3)

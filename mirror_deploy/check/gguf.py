@@ -63,7 +63,7 @@ def _graph_projections(folder: Path, m: Manifest, names: list[str]):
 
 
 def _graph_table(folder: Path, inits: dict) -> np.ndarray | None:
-    """A token table kept in its GGUF blocks (`fused_target._gguf_table`), expanded the way the graph does."""
+    """A token table kept in its GGUF blocks (`fused_embedding._gguf_table`), expanded the way the graph does."""
     from ..export.gguf_weights import GgufBlocks, unpack
     bits = next((b for b in (4, 8) if f"embed_tokens.codes{b}" in inits), None)
     if bits is None:

@@ -4,7 +4,7 @@ The Hugging Face module tree is built on the meta device (no memory), then fille
 tensors (norms, biases) become real tensors, every projection becomes a `QuantLinear` holding its GGUF
 blocks as a `MappedWeight`, and the token table a `QuantEmbedding` holding its blocks as they are. No
 dense copy of a projection or of the table is ever made; the fused segment builder writes projections as
-`MatMulNBits` (`fused_target._linear`) and the table as a gather of its blocks (`fused_target._embedding`).
+`MatMulNBits` (`fused_target._linear`) and the table as a gather of its blocks (`fused_embedding.embedding`).
 """
 from __future__ import annotations
 
