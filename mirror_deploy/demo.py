@@ -23,9 +23,9 @@ DEMO_PROMPT = "Write a Python function that returns the n-th Fibonacci number, w
 # branches are the most a run may use: `tune` picks within them.
 DEMO_EXPORT = ExportOptions(gamma=7, kappa=8, max_context=1536, branch_batch=4, profile="cpu",
                             target_weights="gguf", draft_weights="gguf")
-# The demo's first tune: a few prompts, three rounds per cost curve, no every-mode check (the demo itself
+# The demo's first tune: the calibration prompts, three rounds per cost curve, no every-mode check (the demo itself
 # shows every mode's text equal); `mirror-deploy tune ART` runs the full one.
-DEMO_TUNE = dict(prompts=6, new_tokens=24, rounds=3, measure_prompts=0)
+DEMO_TUNE = dict(prompts=12, new_tokens=32, rounds=3, measure_prompts=0)
 
 
 def ensure_artifact(target: Path, draft: Path, out: Path, opts: ExportOptions, console: Console) -> Path:
