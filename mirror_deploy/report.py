@@ -135,7 +135,7 @@ def run_prompt(artifact: Path, profile: str | None, text: str, cfg, chat: bool, 
 def kernel_line(engine) -> str:
     """Which 4-bit matrix kernel this run's target used, and where ours stands on this machine."""
     from .kernels import status
-    ours = status()
+    ours = status()   # built and usable, or why not
     weights = engine.manifest.target_weights
     if weights not in ("int4", "gguf"):
         ran = f"none (target weights {weights})"
@@ -143,5 +143,4 @@ def kernel_line(engine) -> str:
         ran = "stock: ONNX Runtime MatMulNBits"
     else:
         ran = "stock: OpenVINO compressed MatMul"
-    return (f"{ran}; ours {'built, ' + ours.isa + ' (' + ours.why + ')' if ours.available else 'not usable: ' + ours.why}"
-            ", not yet in an exported graph")
+    return f"{ran}; on this machine {ours.summary()}, not yet in an exported graph"

@@ -70,7 +70,7 @@ class Speculation:
         self.worker = DraftWorker(draft, self.overlapped)
         self.policy = policy or HeuristicWindow(gamma, budget, cfg.adaptive_gamma)
         self.out: list[int] = []
-        self.context_len, self.steps = len(prompt), 0
+        self.context_len = len(prompt)
 
     # ---- before the first step ----------------------------------------------------------------------
     def prefill(self) -> Window:
@@ -98,7 +98,7 @@ class Speculation:
         plan = self.policy.plan(self.context_len)
         branching = self.mirror and bool(window.tokens) and plan.length > 0 and self.draft.can_branch
         root = self.prompt[-1] if not self.out else self.out[-1]
-        step = Step(self.steps, window, root, self.context_len - 1, plan, branching)
+        step = Step(len(self.metrics.steps), window, root, self.context_len - 1, plan, branching)
         step.record.window, step.record.source = len(window.tokens), window.source if window.tokens else ""
         return step
 
@@ -171,7 +171,6 @@ class Speculation:
                                      self.context_len)
         self.draft.observe_step(record)
         self.metrics.add(record)
-        self.steps += 1
         return stop
 
     def owns(self, step: Step) -> bool:

@@ -2,7 +2,6 @@
 extension is loaded), and a one-MatMul model for tests and `bench-kernels`."""
 from __future__ import annotations
 
-import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
@@ -33,7 +32,3 @@ def matmuls_model(layers: list[Q4Weights]) -> onnx.ModelProto:
                               [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["rows", w.n])
                                for i, w in enumerate(layers)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
-
-
-def as_float(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x, dtype=np.float32)

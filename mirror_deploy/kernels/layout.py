@@ -19,10 +19,6 @@ class Q4Weights:
     k: int
     group: int
 
-    @property
-    def nbytes(self) -> int:
-        return self.codes.nbytes + self.scales.nbytes + self.mins.nbytes
-
 
 def quantize(w: np.ndarray, group: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """w [N, K] float -> (codes u8 [N, K] in 0..15, scale f16 [N, K/G], min f16 [N, K/G])."""

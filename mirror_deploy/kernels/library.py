@@ -60,10 +60,5 @@ def load_into(core, extra_flags: str = "") -> KernelStatus:
     if not s.available:
         raise MirrorDeployError(f"this graph runs mirror-deploy's 4-bit kernel, which is not usable here: {s.why}",
                                 FIX)
-    if str(s.path) not in getattr(core, "_mirror_q4_loaded", set()):
-        core.add_extension(str(s.path))
-        try:
-            core._mirror_q4_loaded = getattr(core, "_mirror_q4_loaded", set()) | {str(s.path)}
-        except AttributeError:
-            pass   # a Core that takes no attributes: adding the extension twice is harmless
+    core.add_extension(str(s.path))
     return s

@@ -16,6 +16,8 @@
 
 #include "dispatch.h"
 
+extern "C" const char* mirror_q4_why();   // dispatch.cpp: why this ISA path (or none)
+
 namespace mirror_q4 {
 
 class Q4MatMul : public ov::op::Op {
@@ -60,7 +62,7 @@ public:
     bool evaluate(ov::TensorVector& outputs, const ov::TensorVector& inputs) const override {
         const Isa path = isa();
         OPENVINO_ASSERT(path != Isa::none, "mirror_deploy::Q4MatMul: no kernel path for this CPU (",
-                        mirror_q4_why_text(), ")");
+                        mirror_q4_why(), ")");
         const ov::Tensor& x = inputs[0];
         ov::Shape shape = x.get_shape();
         const int64_t rows = static_cast<int64_t>(ov::shape_size(shape)) / k_;
@@ -95,14 +97,10 @@ public:
     }
 
 private:
-    static const char* mirror_q4_why_text();
     int64_t n_ = 0, k_ = 0, group_ = 0;
 };
 
 }  // namespace mirror_q4
-
-extern "C" const char* mirror_q4_why();
-const char* mirror_q4::Q4MatMul::mirror_q4_why_text() { return mirror_q4_why(); }
 
 OPENVINO_CREATE_EXTENSIONS(std::vector<ov::Extension::Ptr>(
     {std::make_shared<ov::OpExtension<mirror_q4::Q4MatMul>>(),

@@ -17,6 +17,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 namespace mirror_q4 {
 
@@ -37,6 +38,22 @@ struct Activations {          // one pass of up to kMaxRows rows
     const float* offset;      // [rows][K/G]: a * sum of the group's codes
     int rows;
 };
+
+// Calls run(std::integral_constant<int, R>) with R = rows (1..kMaxRows): each row count gets its own
+// unrolled instantiation of an ISA file's column loop.
+template <typename Run>
+void with_rows(int rows, Run run) {
+    switch (rows) {
+        case 1: return run(std::integral_constant<int, 1>{});
+        case 2: return run(std::integral_constant<int, 2>{});
+        case 3: return run(std::integral_constant<int, 3>{});
+        case 4: return run(std::integral_constant<int, 4>{});
+        case 5: return run(std::integral_constant<int, 5>{});
+        case 6: return run(std::integral_constant<int, 6>{});
+        case 7: return run(std::integral_constant<int, 7>{});
+        default: return run(std::integral_constant<int, kMaxRows>{});
+    }
+}
 
 // Quantize `rows` rows of x[rows][k] (row stride k) into `out` (same shape), `scale` and `offset`.
 void quantize_rows(const float* x, int64_t rows, int64_t k, int64_t group, int8_t* out, float* scale,

@@ -68,16 +68,7 @@ void columns(const Weights& w, const Activations& a, float* y, int64_t n0, int64
 }  // namespace
 
 void matmul_avx2(const Weights& w, const Activations& a, float* y, int64_t n0, int64_t n1) {
-    switch (a.rows) {
-        case 1: return columns<1>(w, a, y, n0, n1);
-        case 2: return columns<2>(w, a, y, n0, n1);
-        case 3: return columns<3>(w, a, y, n0, n1);
-        case 4: return columns<4>(w, a, y, n0, n1);
-        case 5: return columns<5>(w, a, y, n0, n1);
-        case 6: return columns<6>(w, a, y, n0, n1);
-        case 7: return columns<7>(w, a, y, n0, n1);
-        default: return columns<8>(w, a, y, n0, n1);
-    }
+    with_rows(a.rows, [&](auto rows) { columns<decltype(rows)::value>(w, a, y, n0, n1); });
 }
 
 }  // namespace mirror_q4
