@@ -6,6 +6,7 @@ Hugging Face folder (safetensors), since dequantizing a GGUF costs a minute or m
 """
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -148,18 +149,22 @@ def pull(name: str, cache: PathLike = None, progress: bool = True,
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.partial-{os.getpid()}-", dir=entry.parent))
     timings: dict[str, float] = {}
     gguf, out = tmp / f"{name}.gguf", tmp / name
+    published = gguf_path(name, cache)
     try:
         with _progress(progress) as bar:
-            _fetch(src, tmp, gguf, bar, timings)
+            if published.is_file() and not keep_gguf:
+                gguf = published   # verified when `pull_gguf` fetched it: convert from it, download nothing
+            else:
+                _fetch(src, tmp, gguf, bar, timings)
             with _phase(bar, timings, "convert to safetensors", None):
                 _convert(gguf, out)
         if keep_gguf:
             os.replace(gguf, out / gguf.name)
-        elif not gguf_path(name, cache).is_file():
+        elif not published.is_file():
             # The published file stays in the cache (verified above): `export --target-weights gguf` reads its
             # blocks, and quantized exports keep its token table exactly (gguf_model.published_table).
-            gguf_path(name, cache).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(gguf, gguf_path(name, cache))
+            published.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(gguf, published)
         meta = {"name": name, "gguf_sha256": src.sha256, "timings_s": timings}
         (out / _MARKER).write_text(json.dumps(meta, indent=2))
         try:
@@ -313,16 +318,22 @@ def _verify(src: ModelSource, path: Path, advance: Advance) -> None:
 
 def _convert(gguf: Path, out: Path) -> None:
     """Dequantize the GGUF to fp32 and save it as a plain Hugging Face checkpoint folder."""
+    import gguf as gguf_lib
     import torch  # heavy imports stay here so that importing this module is cheap
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # Its own tqdm bar of the dequantization would garble the rich display.
-    with mock.patch.object(gguf_utils, "tqdm", lambda it, **_: it, create=True):
+    # Its own tqdm bar of the dequantization would garble the rich display. transformers parses the file
+    # anew for the tokenizer, each config read and the weights, and restore_gguf_tokens once more: five
+    # parses of the 151k-token vocabulary, 85 of this function's 100 s (cProfile). Parsed once here.
+    read_once = functools.lru_cache(maxsize=None)(gguf_lib.GGUFReader)
+    with mock.patch.object(gguf_utils, "tqdm", lambda it, **_: it, create=True), \
+            mock.patch.object(gguf_lib, "GGUFReader", lambda path: read_once(str(Path(path).resolve()))):
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                      dtype=torch.float32)
+        restore_gguf_tokens(tok, gguf, model.config.eos_token_id)
     out.mkdir()
     save_file(_unshared_state_dict(model), out / "model.safetensors", metadata={"format": "pt"})
     config = model.config
@@ -330,7 +341,6 @@ def _convert(gguf: Path, out: Path) -> None:
         del config.quantization_config
     config.architectures = [type(model).__name__]
     config.save_pretrained(out)
-    restore_gguf_tokens(tok, gguf, config.eos_token_id)
     tok.save_pretrained(out)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out)

@@ -126,6 +126,24 @@ def test_successful_pull_renames_into_place(monkeypatch, tmp_path):
     assert models.published_gguf_on_disk(path) == models.gguf_path(DRAFT, tmp_path)
 
 
+def test_pull_converts_a_published_gguf_already_pulled_without_downloading(monkeypatch, tmp_path):
+    published = models.gguf_path(DRAFT, tmp_path)
+    published.parent.mkdir(parents=True)
+    published.write_bytes(FAKE)
+    monkeypatch.setattr(models, "_download", lambda *a: pytest.fail("must not download"))
+    seen = []
+
+    def fake_convert(gguf, out):
+        seen.append(gguf)
+        out.mkdir()
+        (out / "model.safetensors").write_bytes(b"")
+
+    monkeypatch.setattr(models, "_convert", fake_convert)
+    path = models.pull(DRAFT, cache=tmp_path, progress=False)
+    assert seen == [published] and (path / "model.safetensors").exists()
+    assert published.read_bytes() == FAKE   # left where it was
+
+
 def test_tied_weights_round_trip(tmp_path):
     # The real GGUFs carry a separate output.weight; this covers the tied case safetensors refuses.
     torch = pytest.importorskip("torch")
