@@ -61,18 +61,20 @@ def test_every_row_has_its_own_bits_in_any_window_random_weights(kernel):
 
 
 def test_every_row_has_its_own_bits_in_any_window_real_weights(kernel):
-    from safetensors import safe_open
+    """Real Qwen2.5-Coder-0.5B projections, as published (its GGUF's blocks, dequantized by gguf-py): read from
+    the file alone, so this test neither waits for nor repeats the checkpoint conversion of test_real_weights."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
 
-    from mirror_deploy.models import pull
+    from mirror_deploy.models import gguf_path, pull_gguf
 
-    folder = pull("qwen2.5-coder-0.5b-instruct", cache=REAL_MODEL_CACHE, progress=False)
-    names = ("model.layers.3.self_attn.q_proj.weight", "model.layers.3.mlp.down_proj.weight",
-             "model.layers.3.mlp.gate_proj.weight")
-    weights = []
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as f:
-            weights += [_packed(f.get_tensor(n).float().numpy())[0] for n in names if n in f.keys()]
-    assert len(weights) == 3
+    path = pull_gguf("qwen2.5-coder-0.5b-instruct", cache=REAL_MODEL_CACHE, progress=False)
+    assert path == gguf_path("qwen2.5-coder-0.5b-instruct", REAL_MODEL_CACHE)
+    names = ("blk.3.attn_q.weight", "blk.3.ffn_down.weight", "blk.3.ffn_gate.weight")
+    tensors = {t.name: t for t in GGUFReader(path).tensors if t.name in names}
+    weights = [_packed(np.ascontiguousarray(dequantize(tensors[n].data, tensors[n].tensor_type), np.float32))[0]
+               for n in names]
+    assert [(w.n, w.k) for w in weights] == [(896, 896), (896, 4864), (4864, 896)]
     _rows_alone_equal_rows_together(weights)
 
 
