@@ -9,7 +9,8 @@ STAMP   := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,compress,bench,peers]'
+	@# --no-compile: Python compiles what it imports, when it does (bytecode for all of torch took part of the set-up)
+	$(BIN)/pip install -q --no-compile -e '.[test,compress,bench,peers]'
 	@# Our 4-bit kernel (an OpenVINO extension, g++ + cmake, ~10 s); where it cannot build, the stock kernels run.
 	$(BIN)/python -m mirror_deploy.kernels build || echo "note: the 4-bit kernel did not build; the stock kernels run"
 	touch $(STAMP)
