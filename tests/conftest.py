@@ -14,10 +14,11 @@ ARCHS = ("llama", "qwen2", "gpt2")
 REAL_MODEL_CACHE = os.environ.get("MIRROR_DEPLOY_CACHE") or str(Path.home() / ".cache" / "mirror-deploy")
 
 
-# The files that take longest (per-file sums of `pytest --durations=0`, 2026-12-07: decoding 255 s, real
-# weights 154, streams 104, lookup 98, fused target 75, gguf 68, ...) go to the two workers first, so that
-# no long file starts last and runs alone (`make test` distributes whole files: --dist loadfile).
-SLOW_FIRST = ("test_decoding.py", "test_real_weights.py", "test_streams.py", "test_lookup.py",
+# The files that take longest (per-file sums of `pytest --durations=0`, 2026-12-07, a slow run: real weights
+# 154 s, decoding 255 before its sampling tests moved to test_sampling.py, streams 104, lookup 98, ...) go to
+# the two workers first, so that no long file starts last and runs alone (`make test` distributes whole
+# files: --dist loadfile).
+SLOW_FIRST = ("test_real_weights.py", "test_decoding.py", "test_sampling.py", "test_streams.py", "test_lookup.py",
               "test_fused_target.py", "test_gguf.py", "test_vocab_cut.py", "test_serve.py", "test_lens.py",
               "test_peers.py")
 

@@ -8,8 +8,8 @@ import pytest
 from mirror_deploy.decoding.config import GenerationConfig as G
 from mirror_deploy.decoding.engine import Engine
 from mirror_deploy.decoding.lookup import NgramIndex
-from test_decoding import (PROMPTS, _chi2_pvalue, _exact_marginals, _sample_counts, agreeing_pair,  # noqa: F401
-                           tiny_vocab)
+from test_decoding import PROMPTS, agreeing_pair  # noqa: F401  (a fixture)
+from test_sampling import _chi2_pvalue, _exact_marginals, _sample_counts, tiny_vocab  # noqa: F401  (a fixture)
 
 REPEATING = ["abcabcabcab", "def f(n):\n    return n\ndef f(n):\n    ret", "x = 1\nx = 1\nx"]
 

@@ -14,7 +14,7 @@ from mirror_deploy.decoding.engine import Engine
 from mirror_deploy.errors import MirrorDeployError
 from mirror_deploy.export.pipeline import ExportOptions, export_artifact
 from mirror_deploy.tiny import build_tiny_pair
-from test_decoding import V, _chi2_pvalue, _exact_marginals, tiny_vocab  # noqa: F401  (a fixture)
+from test_sampling import V, _chi2_pvalue, _exact_marginals, tiny_vocab  # noqa: F401  (a fixture)
 
 
 def attach_random_streams(folder, streams: int = 2, seed: int = 0, scale: float = 0.3):

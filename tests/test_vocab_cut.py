@@ -156,7 +156,7 @@ def small(tmp_path_factory):
 
 @pytest.mark.parametrize("mode,schedule", [("sd", "serial"), ("mirror", "overlapped")])
 def test_sampling_keeps_the_target_distribution_with_a_cut_draft(small, mode, schedule):
-    from test_decoding import _chi2_pvalue, _exact_marginals, _sample_counts
+    from test_sampling import _chi2_pvalue, _exact_marginals, _sample_counts
     engine, model, torch = small
     assert engine.draft.vocab_ids is not None
     prompt = [3, 5, 7, 2]
