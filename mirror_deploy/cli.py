@@ -69,23 +69,23 @@ def export(
     draft_weights: str = typer.Option("fp32", help="Draft weight format for its device: fp32|fp16|int8|int4|gguf (the "
                                       "draft GGUF's own blocks: give the .gguf, or a pulled model)."),
     target_weights: str = typer.Option("fp32", help="Target weight format: fp32|fp16|int8|int4|gguf. int8/int4 are "
-                                       "weight-only: ONNX Runtime MatMulNBits, or NNCF in OpenVINO IR when the "
-                                       "profile runs the target on OpenVINO; fp16 is for GPUs; gguf keeps the "
-                                       "source GGUF's own blocks (a .gguf target, or a pulled registry model)."),
+                                       "weight-only (symmetric); fp16 is for GPUs; gguf keeps the source GGUF's own "
+                                       "blocks (ONNX Runtime; a .gguf target, or a pulled registry model)."),
     exit_head_weights: str = typer.Option("shared", help="Early-exit head: shared (the target's own) or a "
                                           "cheaper int8|int4 copy (it only ranks branches: speed, never output)."),
     target_attention: Optional[str] = typer.Option(
-        None, help="Target segments: fused (built from the weights: in-place K/V, row-invariant attention, "
-        "packed QKV and gate/up; ONNX Runtime only, Llama/Qwen2/Qwen3/Mistral) or eager (the traced HF layers). "
-        "Default: fused for an ONNX Runtime CPU target of those families, else eager; profiles whose target runs "
-        "on OpenVINO need eager."),
+        None, help="Target segments: fused (built from the weights, row-invariant: K/V in place on ONNX Runtime, as "
+        "model state on OpenVINO; Llama/Qwen2/Qwen3/Mistral) or eager (the traced HF layers). Default: fused "
+        "where supported (ONNX Runtime: CPU only), else eager."),
+    target_kernel: Optional[str] = typer.Option(None, help="OpenVINO int4 target: ours (mirror-deploy's 4-bit "
+                                                "kernel) or stock; default ours where built and the target runs on CPU."),
     force: bool = typer.Option(False, "--force", help="Replace DIR if it exists."),
 ):
     """Split the target into prefix/suffix graphs, export the draft (if given), compile it, write the manifest."""
     from .export.pipeline import ExportOptions, export_artifact
     opts = ExportOptions(exit_layer, _int_list(exit_layers, "--exit-layers"), kappa, gamma, max_context,
                          branch_batch, profile[0], draft_weights, force, exit_head_weights, target_weights,
-                         target_attention, tuple(profile[1:]))
+                         target_attention, tuple(profile[1:]), target_kernel)
     path = export_artifact(target, draft, out, opts, err)
     err.print(f"[green]wrote[/] {path}")
 

@@ -139,8 +139,10 @@ def kernel_line(engine) -> str:
     weights = engine.manifest.target_weights
     if weights not in ("int4", "gguf"):
         ran = f"none (target weights {weights})"
+    elif any(getattr(g, "kernel", False) for g in engine.target.graphs.segments):
+        ran = "ours: mirror_deploy::Q4MatMul in the OpenVINO target"
     elif engine.profile.target.backend == "onnxruntime":
-        ran = "stock: ONNX Runtime MatMulNBits"
+        ran = "stock: ONNX Runtime MatMulNBits (our kernel runs in OpenVINO-native targets only)"
     else:
         ran = "stock: OpenVINO compressed MatMul"
-    return f"{ran}; on this machine {ours.summary()}, not yet in an exported graph"
+    return f"{ran}; on this machine {ours.summary()}"

@@ -338,15 +338,17 @@ OV_TARGET_PROFILE = ('name = "ov-target"\ndescription = "target and draft on Ope
                      '[draft]\nbackend = "openvino"\ndevice = "CPU"\nthreads = 1\nprecision = "f32"\n')
 
 
-def test_openvino_target_gets_nncf_weights_and_stays_exact(agreeing_pair, tmp_path):
-    """A profile whose target runs on OpenVINO gets the target as IR with NNCF int8 weights (not ORT's
-    MatMulNBits); weight-only, so every mode equals this artifact's own autoregressive output exactly."""
+def test_eager_openvino_target_gets_nncf_weights_and_stays_exact(agreeing_pair, tmp_path):
+    """An eager (traced) target on OpenVINO is IR with NNCF int8 weights (not ORT's MatMulNBits); weight-only,
+    so every mode equals this artifact's own autoregressive output on these prompts. (The default for an
+    OpenVINO target is the native fused one: tests/test_openvino_target.py.)"""
     import openvino as ov
     from mirror_deploy.check import check_artifact
     profile = tmp_path / "ov-target.toml"
     profile.write_text(OV_TARGET_PROFILE)
     art = export_artifact(*agreeing_pair, tmp_path / "ov", ExportOptions(kappa=4, gamma=4, max_context=256,
-                          branch_batch=4, target_weights="int8", profile=str(profile)), QUIET)
+                          branch_batch=4, target_weights="int8", profile=str(profile),
+                          target_attention="eager"), QUIET)
     engine = Engine(art)
     m = engine.manifest
     for name in [*m.target_segments(), "target_head"]:

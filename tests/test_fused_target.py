@@ -178,13 +178,15 @@ def test_export_choice_of_target_attention(fused_and_eager, tiny_pairs, tmp_path
     ov = load_profile(str(ov_file))
     assert target_attention(qwen, cpu, ExportOptions()) == "fused"
     assert target_attention(gpt2, cpu, ExportOptions()) == "eager"
-    assert target_attention(qwen, ov, ExportOptions()) == "eager"
-    for source, profile in ((gpt2, cpu), (qwen, ov)):
+    assert target_attention(qwen, ov, ExportOptions()) == "fused"   # OpenVINO-native (test_openvino_target.py)
+    assert target_attention(gpt2, ov, ExportOptions()) == "eager"
+    assert target_attention(qwen, ov, ExportOptions(target_weights="int4")) == "eager"   # 64 wide: no groups of 128
+    for source, profile in ((gpt2, cpu), (gpt2, ov)):
         with pytest.raises(MirrorDeployError, match="--target-attention fused is not available"):
             target_attention(source, profile, ExportOptions(target_attention="fused"))
     with pytest.raises(MirrorDeployError, match="unknown"):
         target_attention(qwen, cpu, ExportOptions(target_attention="flash"))
-    # A fused artifact opened for an OpenVINO target is refused with the fix, not run wrongly.
+    # A fused ONNX Runtime artifact opened for an OpenVINO target is refused with the fix, not run wrongly.
     art = fused_and_eager["llama"][0]["fused"]
     with pytest.raises(MirrorDeployError, match="--target-attention eager"):
         open_target(art, read_manifest(art), ov)

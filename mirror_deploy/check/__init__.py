@@ -108,7 +108,8 @@ def _manifest_problems(m: Manifest) -> list[str]:
         out.append(f"gamma {m.gamma} and branch_batch {m.branch_batch} must be ≥ 1")
     if m.has_draft and m.draft.get("vocab_size") != vocab:
         out.append(f"target vocab {vocab} differs from draft vocab {m.draft.get('vocab_size')}")
-    fused = [g for g in m.target_segments() if any(s["name"] == "seqlens_k" for s in m.graphs[g].inputs)]
+    # Fused segments: ONNX Runtime's bind K/V in place (seqlens_k), OpenVINO-native ones hold them as state (beam_idx).
+    fused = [g for g in m.target_segments() if any(s["name"] in ("seqlens_k", "beam_idx") for s in m.graphs[g].inputs)]
     if fused != (m.target_segments() if m.target_attention == "fused" else []):
         out.append(f"target_attention is {m.target_attention!r} but the fused segments are {fused or 'none'}")
     cuts = [0, *sorted(m.exit_layers), n]
@@ -173,8 +174,8 @@ def _check_fused_target(folder: Path, m: Manifest, intact: set[str], report: Che
     """A fused target is fast and exact because each layer writes its K/V in place (two TensorScatter over
     the bound buffers), runs the row-invariant attention (one Softmax) and packed projections (4 weight
     MatMuls a layer); count them in the files, so a builder that silently emitted something else is caught."""
-    if m.target_attention != "fused":
-        return
+    if m.target_attention != "fused" or m.graphs[m.target_segments()[0]].format == "openvino":
+        return   # OpenVINO-native segments: their fused attention is counted in the compiled graphs (_load_graphs)
     names = m.target_segments()
     if not all(n in intact for n in names):
         report.skip("fused attention", "target", "not counted: a segment file is damaged (see hash)")
@@ -254,11 +255,13 @@ def _check_fused_attention(m: Manifest, name: str, graph, report: CheckReport) -
     """The stateful draft is fast because OpenVINO's CPU plugin fuses its attention; that fusion is
     internal to OpenVINO, so a version change can lose it without any error. Count it in the compiled
     runtime model. Families where it is not expected (GPT-2) are reported, not failed."""
-    fused, layers = graph.fused_attention, m.draft["num_layers"]
-    if arch_for(m.draft["model_type"]).fused_attention:
+    entry = m.graphs[name]
+    fused, layers = graph.fused_attention, entry.layers[1] - entry.layers[0]
+    model = m.draft if name in DRAFT_GRAPHS else m.target
+    if arch_for(model["model_type"]).fused_attention:
         report.add("fused attention", name, fused == layers,
                    f"{fused} of {layers} layers run ScaledDotProductAttention in the compiled model",
-                   fix="the installed OpenVINO did not fuse the draft's attention: use openvino 2026.4 "
+                   fix=f"the installed OpenVINO did not fuse {name}'s attention: use openvino 2026.4 "
                        "(pinned in pyproject.toml), re-export, or report the regression")
     elif fused:
         report.add("fused attention", name, True, f"{fused} of {layers} layers fused")

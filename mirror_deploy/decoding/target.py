@@ -14,7 +14,7 @@ import numpy as np
 
 from ..artifact import Manifest
 from ..errors import MirrorDeployError
-from ..runtimes.kv import InPlaceKV, KVCache
+from ..runtimes.kv import InPlaceKV, KVCache, StateKV
 from ..runtimes.loader import TargetGraphs
 
 @dataclass
@@ -42,10 +42,15 @@ class TargetRunner:
                  pipeline_prefill: bool = False):
         t = manifest.target
         self.graphs = graphs
-        # Fused segments (GroupQueryAttention) append K/V in place; traced ones return new rows to copy in.
-        self.kv_kind = InPlaceKV if "seqlens_k" in graphs.segments[0].input_names else KVCache
-        self.kv = [self.kv_kind(range(a, b), manifest.max_context, t["kv_heads"], t["head_dim"])
-                   for a, b in graphs.layers]
+        # Fused ONNX Runtime segments append K/V in place, OpenVINO-native ones into their state; traced ones
+        # return new rows to copy in.
+        if getattr(graphs.segments[0], "stateful", False):
+            self.kv_kind = StateKV
+            self.kv = [StateKV(g.request, manifest.max_context) for g in graphs.segments]
+        else:
+            self.kv_kind = InPlaceKV if "seqlens_k" in graphs.segments[0].input_names else KVCache
+            self.kv = [self.kv_kind(range(a, b), manifest.max_context, t["kv_heads"], t["head_dim"])
+                       for a, b in graphs.layers]
         self.capacity = manifest.max_context
         self.prefill_chunk = prefill_chunk
         self.exit_layers = [a for a, _ in graphs.layers[1:]]

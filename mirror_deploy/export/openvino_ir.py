@@ -102,7 +102,10 @@ def convert_stateful_draft(onnx_path: Path, xml_path: Path, weights: str, gguf: 
 
 
 def ir_io(xml_path: Path) -> tuple[list[dict], list[dict]]:
-    model = ov.Core().read_model(str(xml_path))
+    from ..runtimes.openvino import core, load_kernel, needs_kernel
+    if needs_kernel(xml_path):
+        load_kernel()
+    model = core().read_model(str(xml_path))
 
     def describe(port):
         dims = [d.get_length() if d.is_static else "?" for d in port.get_partial_shape()]

@@ -23,8 +23,9 @@ WEIGHT_BITS = {**TARGET_WEIGHT_BITS, **EXIT_HEAD_FORMATS}
 # Target formats whose fused first segment stores the token table as int8 blocks: a quarter of the fp32
 # table's bytes (0.93 GB for Qwen2.5-1.5B). A GGUF target's table is dequantized from its own blocks.
 QUANTIZED_EMBEDDING = ("int8", "int4")
-# Target segments: "fused" are built from the weights (in-place K/V, row-invariant attention; ONNX
-# Runtime only), "eager" are the traced HF layers (any architecture, any runtime; kept for A/B and OpenVINO).
+# Target segments: "fused" are built from the weights (row-invariant attention: in-place K/V on ONNX Runtime,
+# K/V as model state on OpenVINO, export/openvino_target.py), "eager" are the traced HF layers (any
+# architecture, any runtime; kept for A/B).
 TARGET_ATTENTION = ("fused", "eager")
 
 
@@ -50,6 +51,9 @@ class ExportOptions:
     target_weights: str = "fp32"
     target_attention: str | None = None  # fused | eager; None: fused where supported, else eager
     also_profiles: tuple[str, ...] = ()   # more profiles the artifact serves: their draft graphs are written too
+    # OpenVINO-native int4 target: "ours" (mirror-deploy's 4-bit kernel, kernels/), "stock" (OpenVINO's
+    # compressed MatMul); None: ours where it is built and every profile runs the target on the CPU.
+    target_kernel: str | None = None
 
 
 def target_attention(target: SourceModel, profile: Profile, opts: ExportOptions) -> str:
@@ -57,9 +61,9 @@ def target_attention(target: SourceModel, profile: Profile, opts: ExportOptions)
     asked = opts.target_attention
     if asked not in (None, *TARGET_ATTENTION):
         raise MirrorDeployError(f"--target-attention {asked!r} is unknown", f"use one of: {', '.join(TARGET_ATTENTION)}")
+    if profile.target.backend == "openvino":
+        return _openvino_attention(target, profile, opts)
     why = fused_unsupported(target.config, opts.max_context)
-    if profile.target.backend != "onnxruntime":
-        why = f"profile {profile.name} runs the target on {profile.target.backend} (fused graphs use ONNX Runtime ops)"
     if opts.target_weights == "fp16":  # fp32 I/O around fp16 compute: casts would copy the K/V buffer
         why = "--target-weights fp16 keeps fp32 inputs and outputs, so its K/V cannot be bound in place"
     if opts.target_weights == "gguf" and why:
@@ -75,6 +79,34 @@ def target_attention(target: SourceModel, profile: Profile, opts: ExportOptions)
     if opts.target_weights == "gguf":
         return "fused"
     return asked or ("eager" if why or profile.target.device.lower() != "cpu" else "fused")
+
+
+def _openvino_attention(target: SourceModel, profile: Profile, opts: ExportOptions) -> str:
+    """fused (OpenVINO-native segments, export/openvino_target.py) or eager, for a target run by OpenVINO."""
+    from .openvino_target import ov_target_unsupported
+    asked = opts.target_attention
+    why = ov_target_unsupported(target.config, opts.target_weights)
+    if opts.target_weights == "gguf":
+        raise MirrorDeployError(f"--target-weights gguf keeps GGUF blocks in ONNX Runtime segments; profile "
+                                f"{profile.name} runs the target on openvino, whose row-invariant MatMul needs "
+                                "symmetric codes (Q4_K's minimums are not)",
+                                "export the checkpoint `mirror-deploy models pull` made of the GGUF with "
+                                "--target-weights int4, or use --profile cpu")
+    if asked == "fused" and why:
+        raise MirrorDeployError(f"--target-attention fused is not available: {why}",
+                                "use --target-attention eager (or leave it unset)")
+    if opts.target_kernel not in (None, "ours", "stock"):
+        raise MirrorDeployError(f"--target-kernel {opts.target_kernel!r} is unknown", "use ours or stock")
+    if opts.target_kernel == "ours":
+        from ..kernels.library import FIX, status
+        kernel = status()
+        if opts.target_weights != "int4" or (asked or ("eager" if why else "fused")) != "fused":
+            raise MirrorDeployError("--target-kernel ours is mirror-deploy's 4-bit kernel: it serves OpenVINO-native "
+                                    "(fused) int4 targets only", "add --target-weights int4, or drop --target-kernel")
+        if not kernel.available:
+            raise MirrorDeployError(f"--target-kernel ours: the kernel is not usable here ({kernel.why})",
+                                    f"{FIX}; or export with --target-kernel stock")
+    return asked or ("eager" if why else "fused")
 
 
 def validate(target: SourceModel, draft: SourceModel | None, opts: ExportOptions, out: Path) -> tuple[int, list[int]]:

@@ -113,26 +113,79 @@ class FusedHead:
         return build_fused_head(self.model, self.source.arch, self.source.shape, self.kappa, path)
 
 
+@dataclass
+class OvSegment:
+    """A target segment as an OpenVINO-native graph, K/V as its state (openvino_target.py)."""
+    source: SourceModel
+    model: object
+    layers: range
+    capacity: int
+    weights: str
+    kernel: bool
+
+    def build(self, path: Path) -> Path:
+        from .openvino_target import build_ov_segment, save_ov
+        return save_ov(build_ov_segment(self.model, self.source.arch, self.source.shape, self.layers, self.capacity,
+                                        self.weights, self.kernel), path)
+
+
+@dataclass
+class OvHead:
+    source: SourceModel
+    model: object
+    kappa: int
+    weights: str
+    kernel: bool
+
+    def build(self, path: Path) -> Path:
+        from .openvino_target import build_ov_head, save_ov
+        return save_ov(build_ov_head(self.model, self.source.arch, self.source.shape, self.kappa, self.weights,
+                                     self.kernel), path)
+
+
+BUILT = (FusedSegment, FusedHead, OvSegment, OvHead)   # written from the weights, not traced
+
+
+def target_kernel(opts: ExportOptions, profiles: list[Profile], attention: str) -> bool:
+    """Does an OpenVINO-native int4 target run our 4-bit kernel? Asked (--target-kernel), or by default where
+    it is built and every profile runs the target on the CPU (the kernel is a CPU op)."""
+    if attention != "fused" or profiles[0].target.backend != "openvino" or opts.target_weights != "int4":
+        return False
+    if opts.target_kernel is not None:
+        return opts.target_kernel == "ours"
+    from ..kernels.library import status
+    return status().available and all(p.target.device.upper() == "CPU" for p in profiles)
+
+
 def target_parts(target: SourceModel, model, boundaries: list[int], opts: ExportOptions,
-                 attention: str = "eager") -> list[tuple]:
+                 attention: str = "eager", openvino: bool = False, kernel: bool = False) -> list[tuple]:
     """(name, module, source, layers, weights) of every target graph: a segment between consecutive exit
-    layers (fused or traced), the head, and the optional cheaper exit head."""
+    layers (fused or traced), the head, and the optional cheaper exit head. `openvino`: fused segments are
+    OpenVINO-native (`kernel`: their int4 MatMuls run our kernel)."""
     n = target.shape.num_layers
     cuts = [0, *boundaries, n]
+    native = openvino and attention == "fused"
 
     def segment(a, b):
+        if native:
+            return OvSegment(target, model, range(a, b), opts.max_context, opts.target_weights, kernel)
         if attention == "fused":   # int8/int4 targets keep their token table at int8 (GatherBlockQuantized)
             return FusedSegment(target, model, range(a, b), opts.max_context,
                                 opts.target_weights in QUANTIZED_EMBEDDING)
         return TargetSegment(target.arch, model, a, b)
     parts = [(f"target_seg{i}", segment(a, b), target, range(a, b), opts.target_weights)
              for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
-    head = (FusedHead(target, model, opts.kappa) if opts.target_weights == "gguf"
-            else TargetHead(target.arch, model, opts.kappa))
+    if native:
+        head = OvHead(target, model, opts.kappa, opts.target_weights, kernel)
+    elif opts.target_weights == "gguf":
+        head = FusedHead(target, model, opts.kappa)
+    else:
+        head = TargetHead(target.arch, model, opts.kappa)
     parts.append(("target_head", head, target, range(n, n), opts.target_weights))
     if EXIT_HEAD_FORMATS[opts.exit_head_weights]:
-        parts.append(("exit_head", TargetHead(target.arch, model, opts.kappa), target, range(n, n),
-                      opts.exit_head_weights))
+        exit_head = (OvHead(target, model, opts.kappa, opts.exit_head_weights, False) if native
+                     else TargetHead(target.arch, model, opts.kappa))
+        parts.append(("exit_head", exit_head, target, range(n, n), opts.exit_head_weights))
     return parts
 
 
@@ -142,9 +195,14 @@ def _export_parts(parts: list[tuple], stage: Path, step, kappa: int, openvino: b
     graphs = {}
     for name, module, source, layers, weights in parts:
         what = f"layers {layers.start}..{layers.stop - 1}" if len(layers) else "final norm + LM head"
-        how = ", fused" if isinstance(module, (FusedSegment, FusedHead)) else ""
+        how = ", fused" if isinstance(module, BUILT) else ""
+        how += ", our 4-bit kernel" if getattr(module, "kernel", False) else ""
         suffix = "xml" if openvino else "onnx"
         with step(f"exporting {name}.{suffix} ({what}, {weights}{how})"):
+            if isinstance(module, (OvSegment, OvHead)):
+                path = module.build(stage / f"{name}.xml")
+                graphs[name] = _graph_entry(stage, path, layers, "openvino", weights=weights)
+                continue
             if isinstance(module, (FusedSegment, FusedHead)):
                 path = module.build(stage / f"{name}.onnx")
             else:
@@ -277,8 +335,10 @@ def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: 
             kept = published_table(target_model, target.arch, target.path) if attention == "fused" else None
         if kept:
             console.print(f"token table: {kept}")
-        graphs = _export_parts(target_parts(target, target_model, boundaries, opts, attention), stage, step,
-                               opts.kappa, openvino=profile.target.backend == "openvino")
+        openvino = profile.target.backend == "openvino"
+        kernel = target_kernel(opts, profiles, attention)
+        graphs = _export_parts(target_parts(target, target_model, boundaries, opts, attention, openvino, kernel),
+                               stage, step, opts.kappa, openvino=openvino)
         del target_model
         target.release()
         if draft is not None:

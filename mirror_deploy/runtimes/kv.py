@@ -4,9 +4,13 @@ Two kinds for the target, chosen by the graphs' inputs. `KVCache` (traced graphs
 contiguous slice `buffer[:, :used]` (or the whole buffer when its shape is static) and returns K/V for its
 new positions only; committing copies just those rows in. `InPlaceKV` (fused graphs): head-major buffers
 bound as both past and present, so the graph appends in place and committing copies nothing. Either way
-rolling back is a length change. The draft's slot tree lives in `draft_cache.py`.
+rolling back is a length change. `StateKV` (OpenVINO-native graphs): K/V live in the infer request as
+model state, which the graph appends to; rolling back trims the state. The draft's slot tree lives in
+`draft_cache.py`.
 """
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -135,6 +139,56 @@ class InPlaceKV:
         padded[rows] = np.concatenate([feeds[rows], feeds[rows][:, -1:]], axis=1)
         padded["position_ids"] = np.concatenate([feeds["position_ids"], feeds["position_ids"][:, -1:]], axis=1)
         return {k: v[:, :seq] for k, v in graph.run(padded, in_place=self.bound).items()}
+
+
+class StateKV:
+    """K/V held as OpenVINO model state by one stateful segment (export/openvino_target.py): the graph appends
+    each window's rows itself, so nothing is fed or copied per call. `used` is the committed length; the
+    state may hold more (a window's rejected rows), and is trimmed to `used` before the next call reads it:
+    a rejected row left in place would change the softmax's sum order for every later row (measured), so
+    a window would no longer compute what single steps do."""
+    in_place = True
+
+    def __init__(self, request, capacity: int):
+        self.request, self.capacity = request, capacity
+        self.used = self.held = 0          # committed positions; positions the state holds
+        request.reset_state()              # a new runner owns the request (check runs several in turn)
+        self.trims, self.trim_seconds = 0, 0.0
+
+    def write(self, outputs: dict[str, np.ndarray], at: int, rows) -> None:
+        InPlaceKV.write(self, outputs, at, rows)
+
+    @staticmethod
+    def window_feeds(start: int, seq: int, capacity: int) -> dict[str, np.ndarray]:
+        if start + seq > capacity:
+            raise capacity_error("decoding", start + seq, capacity)
+        return {"position_ids": np.arange(start, start + seq, dtype=np.int64)[None],
+                "attention_mask": causal_mask(start, seq, start), "beam_idx": np.zeros(1, np.int32)}
+
+    def run(self, graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start, seq = int(feeds["position_ids"][0, 0]), feeds["position_ids"].shape[1]
+        self.trim(start)
+        out = graph.run(feeds)
+        self.held = start + seq
+        return out
+
+    def trim(self, keep: int) -> None:
+        """Make the state hold exactly positions [0, keep)."""
+        if keep == self.held:
+            return
+        if keep > self.held:
+            raise ValueError(f"window at {keep} would leave a gap after {self.held} positions in the state")
+        import openvino as ov
+        t0 = time.perf_counter()
+        if keep == 0:
+            self.request.reset_state()
+        else:
+            for state in self.request.query_state():   # a view of the first `keep` positions, copied in once
+                _, kv, _, hd = state.state.shape
+                state.state = ov.Tensor(state.state, ov.Coordinate([0, 0, 0, 0]), ov.Coordinate([1, kv, keep, hd]))
+        self.held = keep
+        self.trims += 1
+        self.trim_seconds += time.perf_counter() - t0
 
 
 def causal_mask(committed: int, seq: int, past_len: int) -> np.ndarray:

@@ -47,9 +47,13 @@ def open_graph(folder: Path, manifest: Manifest, name: str, part: PartProfile, l
     dims = None
     if entry.static:
         dims = static_draft_dims(manifest.branch_batch, manifest.max_context)
+    # int8 activations: the draft's speed; an OpenVINO-native int4/int8 target's row invariance (openvino_target.py)
+    native_target = logical != "draft" and manifest.target_attention == "fused"
+    int8_activations = entry.weights in ("int8", "int4") if native_target else \
+        logical == "draft" and entry.weights in ("int8", "int4", "gguf")
     return OvGraph(path, logical, part.device, threads, part.precision,
                    static_shapes=None, static_dims=dims, cache_dir=compile_cache_dir(), pinning=part.pinning,
-                   int8_activations=logical == "draft" and entry.weights in ("int8", "int4", "gguf"))
+                   int8_activations=int8_activations)
 
 
 def draft_graph_name(manifest: Manifest, profile: Profile, streams: bool = False) -> str:

@@ -19,6 +19,21 @@ def core() -> ov.Core:
     return ov.Core()
 
 
+KERNEL_OP = "Q4MatMul"   # mirror-deploy's 4-bit kernel (kernels/): an IR holding it needs the extension loaded
+
+
+def needs_kernel(xml: Path) -> bool:
+    with open(xml, encoding="utf-8") as f:
+        return f'type="{KERNEL_OP}"' in f.read()
+
+
+@lru_cache(maxsize=1)
+def load_kernel():
+    """Load our kernel's extension into the shared Core once; refused with the fix where it is unusable."""
+    from ..kernels.library import load_into
+    return load_into(core())
+
+
 def available_devices() -> list[str]:
     return list(core().available_devices)
 
@@ -87,6 +102,12 @@ class OvGraph:
                  static_dims: dict[str, int] | None = None, cache_dir: Path | None = None,
                  int8_activations: bool = False, pinning: bool | None = None):
         device = require_device(device)
+        self.kernel = Path(path).suffix == ".xml" and needs_kernel(path)   # runs our 4-bit kernel
+        if self.kernel:
+            if device != "CPU":
+                raise MirrorDeployError(f"{name} runs mirror-deploy's 4-bit kernel, a CPU op; this profile runs it on "
+                                        f"{device}", "re-export with --target-kernel stock for this profile")
+            load_kernel()
         model = core().read_model(str(path))
         if static_shapes:
             reshape_static(model, static_shapes)

@@ -1,0 +1,141 @@
+"""The OpenVINO-native target (export/openvino_target.py) on the intel-sim stand-in: K/V as model state, fused
+attention, rows that compute the same bits in a window as alone, every mode equal to AR, our 4-bit kernel or
+OpenVINO's own, refusals with the fix."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from mirror_deploy.artifact import read_manifest
+from mirror_deploy.check import check_artifact
+from mirror_deploy.decoding.config import GenerationConfig as G
+from mirror_deploy.decoding.drive import TargetDriver
+from mirror_deploy.decoding.engine import Engine
+from mirror_deploy.errors import MirrorDeployError
+from mirror_deploy.export.pipeline import ExportOptions, export_artifact
+from mirror_deploy.kernels import status
+from mirror_deploy.runtimes.kv import StateKV
+from mirror_deploy.runtimes.loader import open_target
+from mirror_deploy.targets import load_profile
+from mirror_deploy.tiny import build_tiny_pair
+
+QUIET = Console(quiet=True)
+OPTS = dict(kappa=4, gamma=4, max_context=256, branch_batch=4, profile="intel-sim")
+PROMPTS = ["Hello world", "The quick brown fox", "def f(n):"]
+MODES = [("sd", "serial"), ("mirror", "serial"), ("mirror", "overlapped")]
+
+
+def _kernel() -> bool:
+    """Build our kernel into this session's cache (as `make install` does into the user's)."""
+    from mirror_deploy.kernels.build import build
+    try:
+        build()
+    except MirrorDeployError:
+        pass
+    return status().available
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """Qwen2 (q/k/v biases, tied head) 128 wide, so int4 has its groups of 128; a draft that mostly agrees."""
+    return build_tiny_pair(tmp_path_factory.mktemp("pair"), "qwen2", hidden=128, noise=0.05)
+
+
+@pytest.fixture(scope="module")
+def artifacts(pair, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ov")
+    kinds = {"fp32": dict(target_weights="fp32"), "int4-stock": dict(target_weights="int4", target_kernel="stock")}
+    if _kernel():
+        kinds["int4-ours"] = dict(target_weights="int4", target_kernel="ours")
+    return {k: export_artifact(*pair, root / k, ExportOptions(draft_weights="int4", **OPTS, **kw), QUIET)
+            for k, kw in kinds.items()}
+
+
+KINDS = ["fp32", "int4-stock", "int4-ours"]
+
+
+def _artifact(artifacts, kind):
+    if kind not in artifacts:
+        pytest.skip(f"our kernel is not usable here: {status().why}")
+    return artifacts[kind]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_mode_equals_autoregressive(artifacts, kind):
+    engine = Engine(_artifact(artifacts, kind))
+    assert isinstance(engine.target.kv[0], StateKV) and engine.manifest.target_attention == "fused"
+    assert engine.target.graphs.segments[0].kernel == (kind == "int4-ours")
+    trims = 0
+    for prompt in PROMPTS:
+        expected = engine.generate(prompt, G(max_new_tokens=32, mode="ar", stop_at_eos=False)).tokens
+        for mode, schedule in MODES:
+            got = engine.generate(prompt, G(max_new_tokens=32, mode=mode, schedule=schedule, stop_at_eos=False))
+            assert got.tokens == expected, (kind, prompt, mode, schedule)
+        trims += sum(kv.trims for kv in engine.target.kv)
+    assert trims > 0   # rejected rows were trimmed from the state (else this test saw no rejection)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_window_row_has_the_bits_of_a_single_step(artifacts, kind):
+    """Logits of a 6-row window equal those of six 1-row steps bit for bit, after a rollback too."""
+    folder = _artifact(artifacts, kind)
+    m = read_manifest(folder)
+    graphs = open_target(folder, m, load_profile("intel-sim"))
+    ids = np.random.default_rng(0).integers(0, 128, 30)
+    driver = TargetDriver.for_manifest(graphs, m)
+    driver.window(ids[:20])
+    steps = np.concatenate([driver.window(ids[i:i + 1])["logits"] for i in range(20, 26)])
+    window = driver.window(ids[20:26], start=20)["logits"]          # a rollback to 20 trims the state first
+    np.testing.assert_array_equal(window, steps)
+    driver.window(ids[20:23], start=20)
+    np.testing.assert_array_equal(driver.window(ids[23:26])["logits"], steps[3:])
+
+
+def test_check_passes_and_counts_the_fused_attention(artifacts):
+    report = check_artifact(artifacts["int4-stock"])
+    assert report.ok, [r for r in report.rows if r.result != "PASS"]
+    fused = [r for r in report.rows if r.check == "fused attention" and r.graph.startswith("target_seg")]
+    assert len(fused) == 4 and all(r.result == "PASS" for r in fused)
+
+
+def test_a_second_run_compiles_from_the_cache(artifacts, monkeypatch):
+    import time
+    folder = artifacts["fp32"]
+    Engine(folder).generate("abc", G(max_new_tokens=2, mode="ar"))
+    t0 = time.perf_counter()
+    Engine(folder).generate("abc", G(max_new_tokens=2, mode="ar"))
+    assert time.perf_counter() - t0 < 5
+
+
+def test_an_artifact_with_our_kernel_is_refused_where_the_kernel_is_not(artifacts, monkeypatch):
+    folder = _artifact(artifacts, "int4-ours")
+    import mirror_deploy.kernels.library as library
+    import mirror_deploy.runtimes.openvino as runtime
+    from mirror_deploy.kernels.library import KernelStatus
+    absent = KernelStatus(False, None, "none", "not built")
+    monkeypatch.setattr(library, "status", lambda extra_flags="": absent)
+    runtime.load_kernel.cache_clear()
+    try:
+        with pytest.raises(MirrorDeployError, match="4-bit kernel, which is not usable here: not built") as err:
+            Engine(folder)
+        assert "mirror_deploy.kernels build" in err.value.fix
+    finally:
+        runtime.load_kernel.cache_clear()
+
+
+def test_bad_kernel_requests_are_refused_before_writing(pair, tmp_path, monkeypatch):
+    import mirror_deploy.kernels.library as library
+    from mirror_deploy.kernels.library import KernelStatus
+    with pytest.raises(MirrorDeployError, match="int4 targets only"):
+        export_artifact(*pair, tmp_path / "a", ExportOptions(target_kernel="ours", **OPTS), QUIET)
+    monkeypatch.setattr(library, "status", lambda extra_flags="": KernelStatus(False, None, "none", "not built"))
+    with pytest.raises(MirrorDeployError, match="not usable here") as err:
+        export_artifact(*pair, tmp_path / "b", ExportOptions(target_weights="int4", target_kernel="ours", **OPTS), QUIET)
+    assert "--target-kernel stock" in err.value.fix
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_real_intel_profile_still_refuses_a_machine_without_its_devices(artifacts):
+    with pytest.raises(MirrorDeployError, match="not present on this machine"):
+        Engine(artifacts["fp32"], "intel-npu")
