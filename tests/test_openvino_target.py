@@ -17,6 +17,7 @@ from mirror_deploy.export.pipeline import ExportOptions, export_artifact
 from mirror_deploy.kernels import status
 from mirror_deploy.runtimes.kv import StateKV
 from mirror_deploy.runtimes.loader import open_target
+from mirror_deploy.runtimes.static_buckets import BucketedDraft
 from mirror_deploy.targets import load_profile
 from mirror_deploy.tiny import build_tiny_pair
 
@@ -74,6 +75,9 @@ def test_every_mode_equals_autoregressive(artifacts, kind):
             assert got.tokens == expected, (kind, prompt, mode, schedule)
         trims += sum(kv.trims for kv in engine.target.kv)
     assert trims > 0   # rejected rows were trimmed from the state (else this test saw no rejection)
+    calls = engine.draft.graph.calls   # the static draft ran at its capacity buckets and widths
+    assert isinstance(engine.draft.graph, BucketedDraft) and set(calls) == {(1, 128), (1, 256), (5, 128), (5, 256)}
+    assert calls[(1, 128)] > 0 and calls[(5, 128)] > 0
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import MirrorDeployError
 from .kv import COMMITTED, MASK_MIN, capacity_error
+from .static_buckets import ROWS, USED
 
 DROPPED = -2   # compaction map entry of a slot that did not survive
 
@@ -157,6 +158,8 @@ class DraftCache:
         feeds = {"input_ids": ids, "position_ids": pos, "attention_mask": mask,
                  "output_rows": np.arange(width if static else seq, dtype=np.int64),
                  **self.store.past_feeds(past_len)}
+        if static:   # what a bucketed static draft needs to pick its variant (static_buckets.py)
+            feeds.update({ROWS: seq, USED: first})
         return feeds, slots
 
     def append(self, outputs, tokens, parents, positions) -> None:
