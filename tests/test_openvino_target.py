@@ -143,3 +143,51 @@ def test_bad_kernel_requests_are_refused_before_writing(pair, tmp_path, monkeypa
 def test_the_real_intel_profile_still_refuses_a_machine_without_its_devices(artifacts):
     with pytest.raises(MirrorDeployError, match="not present on this machine"):
         Engine(artifacts["fp32"], "intel-npu")
+
+
+@pytest.fixture(scope="module")
+def gguf_artifact(tmp_path_factory):
+    """A tiny GGUF in Q4_K_M's mix of types on intel-sim: its 4-bit blocks in our kernel, the rest as int8."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mirror_deploy.tiny import perturbed
+    from mirror_deploy.tiny.gguf import MIXED_TYPES, write_tiny_gguf
+    if not _kernel():
+        pytest.skip(f"our kernel is not usable here: {status().why}")
+    root = tmp_path_factory.mktemp("gguf")
+    target = write_tiny_gguf(root / "target.gguf", MIXED_TYPES)
+    model = AutoModelForCausalLM.from_pretrained(root, gguf_file=target.name, dtype=torch.float32).eval()
+    perturbed(model, 0.05, 1).save_pretrained(root / "draft")
+    return export_artifact(target, root / "draft", root / "art",
+                           ExportOptions(target_weights="gguf", draft_weights="int8", **OPTS), QUIET)
+
+
+def test_a_gguf_target_keeps_its_4_bit_blocks_in_our_kernel(gguf_artifact):
+    engine = Engine(gguf_artifact)
+    assert engine.target.graphs.segments[0].kernel
+    for prompt in ([5, 6, 7, 8], list(range(20, 50))):
+        expected = engine.generate(prompt, G(max_new_tokens=24, mode="ar", stop_at_eos=False)).tokens
+        for mode, schedule in MODES:
+            assert engine.generate(prompt, G(max_new_tokens=24, mode=mode, schedule=schedule,
+                                             stop_at_eos=False)).tokens == expected, (prompt, mode)
+    report = check_artifact(gguf_artifact)
+    assert report.ok, [r for r in report.rows if r.result != "PASS"]
+    rows = {r.graph: r for r in report.rows if r.check == "gguf weights"}
+    assert "Q4_K" in rows and "fp16 rounding of a block's scale" in rows["Q4_K"].limit
+    assert "Q6_K as int8" in rows   # the 6-bit type is re-quantized, and check says so
+
+
+def test_a_gguf_target_on_openvino_needs_our_kernel(tmp_path, monkeypatch):
+    import mirror_deploy.kernels.library as library
+    from mirror_deploy.kernels.library import KernelStatus
+    from mirror_deploy.tiny.gguf import MIXED_TYPES, write_tiny_gguf
+    target = write_tiny_gguf(tmp_path / "target.gguf", MIXED_TYPES)
+    monkeypatch.setattr(library, "status", lambda extra_flags="": KernelStatus(False, None, "none", "not built"))
+    with pytest.raises(MirrorDeployError, match="not usable here") as err:
+        export_artifact(target, None, tmp_path / "a", ExportOptions(target_weights="gguf", **OPTS), QUIET)
+    assert "--target-weights int4" in err.value.fix
+    with pytest.raises(MirrorDeployError, match="keeps the 4-bit blocks in our kernel"):
+        export_artifact(target, None, tmp_path / "b", ExportOptions(target_weights="gguf", target_kernel="stock", **OPTS),
+                        QUIET)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -75,15 +75,16 @@ def step_anatomy(engine: Engine, context: int, rounds: int) -> dict[str, float]:
 
 
 def main(artifacts: list[Path] = typer.Argument(..., help="Artifacts of the same target."),
+         profile: list[str] = typer.Option([], help="Profile to open each artifact with, in order (default: its own)."),
          per_task: int = typer.Option(1, help="SpecBench prompts per task (six tasks)."),
          max_new_tokens: int = typer.Option(64),
          context: int = typer.Option(300, help="KV context of the step anatomy."),
          rounds: int = typer.Option(9, help="Interleaved rounds of the step anatomy (medians).")):
     console = Console()
     engines = {}
-    for path in artifacts:
+    for i, path in enumerate(artifacts):
         t0 = time.perf_counter()
-        engines[str(path)] = Engine(path)
+        engines[str(path)] = Engine(path, profile[i] if i < len(profile) else None)
         console.print(f"loaded {path} in {time.perf_counter() - t0:.1f} s: {describe(engines[str(path)])}")
     speeds, prefill, same = decode_speeds(engines, per_task, max_new_tokens)
     steps = {n: step_anatomy(e, context, rounds) for n, e in engines.items()}

@@ -18,6 +18,8 @@ from ..artifact import Manifest
 from .report import CheckReport
 
 FP16_ROUNDING = 2.0 ** -11   # half an fp16 ulp, relative to the tensor's largest weight
+INT8_ROUNDING = 0.5 / 127 * 1.01   # half an int8 step of a group's largest weight (+1%: float rounding), for
+#                                    what an OpenVINO-native target re-quantizes to int8
 _GROUPS = {"attn.qkv_proj": ("attn_q", "attn_k", "attn_v"), "attn.o_proj": ("attn_output",),
            "mlp.gate_up_proj": ("ffn_gate", "ffn_up"), "mlp.down_proj": ("ffn_down",)}
 _HF_NAMES = {"attn_q": "q_proj", "attn_k": "k_proj"}
@@ -76,6 +78,43 @@ def _graph_table(folder: Path, inits: dict) -> np.ndarray | None:
     return GgufBlocks("graph", bits, codes.shape[1] // scales.shape[1], codes, center, scales, offsets).dequantize()
 
 
+def _ov_projections(folder: Path, m: Manifest, names: list[str]):
+    """(group, dense weight, kept) per projection of OpenVINO-native graphs (export/openvino_target.py): our
+    kernel's nodes expanded from their codes, fp16 scales and minimums (`kept`, per row: the file's own
+    codes), the int8 MatMuls and the token table evaluated by OpenVINO (re-quantized)."""
+    import openvino as ov
+
+    from ..kernels.layout import Q4Weights, dequantize, unpack
+    from ..runtimes.openvino import KERNEL_OP, core, load_kernel
+    load_kernel()
+    for name in names:
+        model = core().read_model(str(folder / m.graphs[name].file))
+        parts: dict[str, list] = {}
+        evaluate = []
+        for op in model.get_ordered_ops():
+            kind, label = op.get_type_name(), op.get_friendly_name()
+            group = re.sub(r"\.part\d+$", "", label)
+            if kind == KERNEL_OP:
+                a = op.get_attributes()
+                codes, scales, mins = (op.input_value(i).get_node().get_data() for i in (1, 2, 3))
+                c, sc, mn = unpack(Q4Weights(codes, scales, mins, a["n"], a["k"], a["group"]))
+                parts.setdefault(group, []).append((label, dequantize(c, sc, mn, a["group"]), True))
+            elif kind == "MatMul" and (group.endswith("_proj") or group == "lm_head"):
+                parts.setdefault(group, []).append((label, len(evaluate), False))
+                evaluate.append(op.input_value(1))
+            elif kind == "Gather" and "input_ids" in op.input_value(1).get_names():   # the token table
+                parts["embed_tokens"] = [("embed_tokens", len(evaluate), False)]
+                evaluate.append(op.input_value(0))
+        values = []
+        if evaluate:
+            weights = core().compile_model(ov.Model(evaluate, [], "weights"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+            values = list(weights.create_infer_request().infer({}).values())
+        for group, items in parts.items():
+            items.sort(key=lambda item: item[0])
+            dense = [values[v] if isinstance(v, int) else v for _, v, _ in items]
+            yield group, np.concatenate(dense), np.concatenate([np.full(len(d), kept) for d, (*_, kept) in zip(dense, items)])
+
+
 def check_gguf_weights(folder: Path, m: Manifest, intact: set[str], report: CheckReport) -> None:
     from gguf import GGUFReader, quants
     from transformers import AutoConfig
@@ -91,7 +130,11 @@ def check_gguf_weights(folder: Path, m: Manifest, intact: set[str], report: Chec
     config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     worst: dict[str, float] = {}   # GGUF type -> largest error relative to the tensor's largest weight
     count: dict[str, int] = {}
-    for group, got in _graph_projections(folder, m, names):
+    requantized: set[str] = set()   # types an OpenVINO-native target holds as int8, not in their own blocks
+    native = m.graphs[names[0]].format == "openvino"
+    projections = _ov_projections(folder, m, names) if native else \
+        ((g, w, np.ones(len(w), bool)) for g, w in _graph_projections(folder, m, names))
+    for group, got, kept in projections:
         sources = ["token_embd.weight"] if group == "embed_tokens" else gguf_sources(group, tensors)
         row = 0
         for source in sources:
@@ -102,14 +145,22 @@ def check_gguf_weights(folder: Path, m: Manifest, intact: set[str], report: Chec
                 want = want[qk_row_order(want.shape[0], heads)]
             part = got[row:row + want.shape[0]]
             row += want.shape[0]
-            kind = t.tensor_type.name
+            kind = t.tensor_type.name + ("" if kept[row - want.shape[0]:row].all() else " as int8")
+            if kind.endswith(" as int8"):
+                requantized.add(kind)
             err = float(np.abs(part - want).max() / max(np.abs(want).max(), 1e-30)) if part.shape == want.shape else np.inf
             worst[kind], count[kind] = max(worst.get(kind, 0.0), err), count.get(kind, 0) + 1
     for kind in sorted(worst):
-        report.add("gguf weights", kind, worst[kind] <= FP16_ROUNDING,
+        if kind in requantized:
+            limit, how = INT8_ROUNDING, "int8 rounding: re-quantized, not the file's codes"
+        elif native:   # our kernel: the file's codes, each block's scale and minimum rounded to fp16
+            limit, how = 2 * FP16_ROUNDING, "fp16 rounding of a block's scale and of its minimum"
+        else:
+            limit, how = FP16_ROUNDING, "fp16 rounding"
+        report.add("gguf weights", kind, worst[kind] <= limit,
                    f"{count[kind]} {kind} tensors of {path.name}: graph weights vs gguf's dequantization, "
                    f"largest difference {worst[kind]:.1e} of the tensor's largest weight", worst[kind],
-                   f"≤ {FP16_ROUNDING:.1e} (fp16 rounding)",
+                   f"≤ {limit:.1e} ({how})",
                    fix="re-export with --target-weights gguf; if it persists, report the type")
 
 

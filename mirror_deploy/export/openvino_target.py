@@ -29,7 +29,7 @@ from openvino.op.util import Variable, VariableInfo
 from ..runtimes.openvino import KERNEL_OP
 from .shapes import TensorSpec
 
-OV_WEIGHTS = ("fp32", "int8", "int4")
+OV_WEIGHTS = ("fp32", "int8", "int4", "gguf")   # gguf: 4-bit blocks kept in our kernel (it is required then)
 INT4_GROUP = 128
 
 
@@ -95,10 +95,36 @@ class _Builder:
         y.set_friendly_name(name)
         return y.output(0)
 
+    def gguf_matmul(self, x, mapped: list, name: str):
+        """x @ Wᵀ for GGUF blocks (`gguf_weights.MappedWeight`), one node per run of one type: 4-bit types in our
+        kernel with their own codes, each block's scale and minimum (as fp16: `kernels.layout.from_gguf`);
+        the 5-, 6- and 8-bit ones dequantized and held as symmetric int8 per 32 inputs (row-invariant here)."""
+        runs: list[list] = []
+        for w in mapped:
+            if runs and runs[-1][0].gguf_type == w.gguf_type:
+                runs[-1].append(w)
+            else:
+                runs.append([w])
+        outs = []
+        for i, run in enumerate(runs):
+            part = f"{name}.part{i}" if len(runs) > 1 else name
+            if run[0].bits == 4:
+                from ..kernels.layout import from_gguf
+                w = from_gguf(run)
+                inputs = [x, *(ops.constant(a) for a in (w.codes, w.scales, w.mins))]
+                y = self.factory.create(KERNEL_OP, inputs, {"n": w.n, "k": w.k, "group": w.group})
+            else:
+                y = ops.matmul(x, _int8_weight(np.concatenate([w.dequantize() for w in run]), group=32), False, True)
+            y.set_friendly_name(part)
+            outs.append(y.output(0))
+        return outs[0] if len(outs) == 1 else ops.concat(outs, -1).output(0)
+
     def linear(self, x, modules: list, name: str):
         """One MatMul for projections that read the same input (+ their biases)."""
-        weight = np.concatenate([_dense(m) for m in modules])
-        y = self.matmul(x, weight, name)
+        if self.weights == "gguf":
+            y = self.gguf_matmul(x, [m.mapped for m in modules], name)
+        else:
+            y = self.matmul(x, np.concatenate([_dense(m) for m in modules]), name)
         if all(m.bias is not None for m in modules):
             y = ops.add(y, ops.constant(np.concatenate([_array(m.bias) for m in modules])))
         elif any(m.bias is not None for m in modules):
@@ -118,11 +144,14 @@ def _int4_weight(w: np.ndarray):
     return ops.reshape(ops.multiply(codes, ops.constant(scale.astype(np.float32))), _const([n, k]), False)
 
 
-def _int8_weight(w: np.ndarray):
-    """Symmetric int8 per output channel: i8 codes → Convert → Multiply scale."""
-    scale = np.abs(w).max(axis=1, keepdims=True) / 127
-    q = np.clip(np.rint(w / np.where(scale == 0, 1, scale)), -127, 127).astype(np.int8)
-    return ops.multiply(ops.convert(ops.constant(q), ov.Type.f32), ops.constant(scale.astype(np.float32)))
+def _int8_weight(w: np.ndarray, group: int | None = None):
+    """Symmetric int8 per output channel (or per `group` inputs): i8 codes → Convert → Multiply scale."""
+    n, k = w.shape
+    g = w.reshape(n, 1 if group is None else k // group, -1)
+    scale = np.abs(g).max(axis=-1, keepdims=True) / 127
+    q = np.clip(np.rint(g / np.where(scale == 0, 1, scale)), -127, 127).astype(np.int8)
+    w = ops.multiply(ops.convert(ops.constant(q), ov.Type.f32), ops.constant(scale.astype(np.float32)))
+    return ops.reshape(w, _const([n, k]), False)
 
 
 def _rms_norm(x, norm):
@@ -236,7 +265,7 @@ def _token_table(table: np.ndarray, weights: str):
     """fp32 rows, or int8 rows with a scale each for a quantized target (as the ONNX Runtime target's)."""
     if weights == "fp32":
         return ops.constant(table)
-    return _int8_weight(table)
+    return _int8_weight(table)   # per row: the plugin gathers it compressed
 
 
 def build_ov_head(model, arch, shape, kappa: int, weights: str, kernel: bool) -> ov.Model:

@@ -86,12 +86,12 @@ def _openvino_attention(target: SourceModel, profile: Profile, opts: ExportOptio
     from .openvino_target import ov_target_unsupported
     asked = opts.target_attention
     why = ov_target_unsupported(target.config, opts.target_weights)
-    if opts.target_weights == "gguf":
-        raise MirrorDeployError(f"--target-weights gguf keeps GGUF blocks in ONNX Runtime segments; profile "
-                                f"{profile.name} runs the target on openvino, whose row-invariant MatMul needs "
-                                "symmetric codes (Q4_K's minimums are not)",
-                                "export the checkpoint `mirror-deploy models pull` made of the GGUF with "
-                                "--target-weights int4, or use --profile cpu")
+    cpu = profile.target.device.upper() == "CPU"
+    if opts.target_weights == "gguf" and (why or opts.target_kernel == "stock" or asked == "eager" or not cpu):
+        raise MirrorDeployError(f"--target-weights gguf on profile {profile.name}, which runs the target on openvino "
+                                f"{profile.target.device}, keeps the 4-bit blocks in our kernel (a CPU op) in "
+                                f"OpenVINO-native segments ({why or 'not available here'})",
+                                "use --target-weights int4, or --profile cpu (ONNX Runtime keeps the blocks too)")
     if asked == "fused" and why:
         raise MirrorDeployError(f"--target-attention fused is not available: {why}",
                                 "use --target-attention eager (or leave it unset)")
@@ -100,12 +100,17 @@ def _openvino_attention(target: SourceModel, profile: Profile, opts: ExportOptio
     if opts.target_kernel == "ours":
         from ..kernels.library import FIX, status
         kernel = status()
-        if opts.target_weights != "int4" or (asked or ("eager" if why else "fused")) != "fused":
+        if opts.target_weights not in ("int4", "gguf") or (asked or ("eager" if why else "fused")) != "fused":
             raise MirrorDeployError("--target-kernel ours is mirror-deploy's 4-bit kernel: it serves OpenVINO-native "
                                     "(fused) int4 targets only", "add --target-weights int4, or drop --target-kernel")
         if not kernel.available:
             raise MirrorDeployError(f"--target-kernel ours: the kernel is not usable here ({kernel.why})",
                                     f"{FIX}; or export with --target-kernel stock")
+    if opts.target_weights == "gguf":
+        from ..kernels.library import FIX, status
+        if not status().available:
+            raise MirrorDeployError(f"--target-weights gguf on OpenVINO keeps the 4-bit blocks in our kernel, which is "
+                                    f"not usable here ({status().why})", f"{FIX}; or use --target-weights int4")
     return asked or ("eager" if why else "fused")
 
 

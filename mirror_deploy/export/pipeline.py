@@ -149,8 +149,10 @@ BUILT = (FusedSegment, FusedHead, OvSegment, OvHead)   # written from the weight
 def target_kernel(opts: ExportOptions, profiles: list[Profile], attention: str) -> bool:
     """Does an OpenVINO-native int4 target run our 4-bit kernel? Asked (--target-kernel), or by default where
     it is built and every profile runs the target on the CPU (the kernel is a CPU op)."""
-    if attention != "fused" or profiles[0].target.backend != "openvino" or opts.target_weights != "int4":
+    if attention != "fused" or profiles[0].target.backend != "openvino" or opts.target_weights not in ("int4", "gguf"):
         return False
+    if opts.target_weights == "gguf":
+        return True   # GGUF's 4-bit blocks live in our kernel only (options._openvino_attention checked it is usable)
     if opts.target_kernel is not None:
         return opts.target_kernel == "ours"
     from ..kernels.library import status

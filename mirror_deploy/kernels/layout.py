@@ -43,7 +43,28 @@ def pack(codes: np.ndarray, scale: np.ndarray, minimum: np.ndarray, group: int) 
     return Q4Weights(packed.ravel(), per_block(scale), per_block(minimum), n, k, group)
 
 
+def unpack(w: Q4Weights) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The inverse of `pack`: (codes u8 [N, K], scale f16 [N, K/G], min f16 [N, K/G])."""
+    n, k, g = w.n, w.k, w.group
+    packed = w.codes.reshape(n // COLS, k // CHUNK, COLS, 4)                   # [cb, c, j, i]
+    q = np.stack([packed & 0x0F, packed >> 4], axis=2)                        # [cb, c, h, j, i]
+    codes = q.transpose(0, 3, 1, 2, 4).reshape(n, k)
+    per_column = lambda a: a.view(np.float16).reshape(n // COLS, k // g, COLS).transpose(0, 2, 1).reshape(n, k // g)  # noqa: E731
+    return codes.astype(np.uint8), per_column(w.scales), per_column(w.mins)
+
+
 def dequantize(codes: np.ndarray, scale: np.ndarray, minimum: np.ndarray, group: int) -> np.ndarray:
     n, k = codes.shape
     q = codes.reshape(n, k // group, group).astype(np.float32)
     return (q * scale.astype(np.float32)[..., None] - minimum.astype(np.float32)[..., None]).reshape(n, k)
+
+
+def from_gguf(run: list) -> Q4Weights:
+    """4-bit GGUF blocks (`export.gguf_weights.MappedWeight`, w = s·(q − 8) + o per block of 32) stacked along N,
+    in this layout with their own codes: scale s, minimum 8·s − o, each rounded to fp16 (Q4_K's scale d·sc has
+    up to 17 significant bits: about 2⁻¹² of a weight's scale; Q4_0's is exact)."""
+    codes = np.concatenate([w.codes for w in run])
+    scale = np.concatenate([w.scales for w in run])
+    offsets = [w.offsets if w.offsets is not None else np.zeros_like(w.scales) for w in run]
+    minimum = 8 * scale - np.concatenate(offsets)
+    return pack(codes, scale, minimum, run[0].block)

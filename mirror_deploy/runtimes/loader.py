@@ -51,7 +51,7 @@ def open_graph(folder: Path, manifest: Manifest, name: str, part: PartProfile, l
             return _bucketed(path, entry, manifest, part, dims)
     # int8 activations: the draft's speed; an OpenVINO-native int4/int8 target's row invariance (openvino_target.py)
     native_target = logical != "draft" and manifest.target_attention == "fused"
-    int8_activations = entry.weights in ("int8", "int4") if native_target else \
+    int8_activations = entry.weights in ("int8", "int4", "gguf") if native_target else \
         logical == "draft" and entry.weights in ("int8", "int4", "gguf")
     return OvGraph(path, logical, part.device, threads, part.precision,
                    static_shapes=None, static_dims=dims, cache_dir=compile_cache_dir(), pinning=part.pinning,
