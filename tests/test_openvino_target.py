@@ -49,8 +49,8 @@ def artifacts(pair, tmp_path_factory):
     kinds = {"fp32": dict(target_weights="fp32"), "int4-stock": dict(target_weights="int4", target_kernel="stock")}
     if _kernel():
         kinds["int4-ours"] = dict(target_weights="int4", target_kernel="ours")
-    return {k: export_artifact(*pair, root / k, ExportOptions(draft_weights="int4", **OPTS, **kw), QUIET)
-            for k, kw in kinds.items()}
+    # The draft's weights are fp32 here (NNCF on the draft is another file's subject): the target is under test.
+    return {k: export_artifact(*pair, root / k, ExportOptions(**OPTS, **kw), QUIET) for k, kw in kinds.items()}
 
 
 KINDS = ["fp32", "int4-stock", "int4-ours"]
@@ -191,3 +191,18 @@ def test_a_gguf_target_on_openvino_needs_our_kernel(tmp_path, monkeypatch):
         export_artifact(target, None, tmp_path / "b", ExportOptions(target_weights="gguf", target_kernel="stock", **OPTS),
                         QUIET)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_our_kernel_serves_cpu_targets_only(artifacts, monkeypatch):
+    """An artifact with our kernel opened for a GPU target is refused with the export that serves both; an
+    export for intel-sim and intel-npu together picks OpenVINO's own int4 by itself."""
+    import mirror_deploy.runtimes.openvino as runtime
+    from mirror_deploy.export.pipeline import target_kernel
+    folder = _artifact(artifacts, "int4-ours")
+    monkeypatch.setattr(runtime, "available_devices", lambda: ["CPU", "GPU", "NPU"])
+    with pytest.raises(MirrorDeployError, match="a CPU op") as err:
+        Engine(folder, "intel-npu")
+    assert "--profile intel-sim --profile intel-npu" in err.value.fix
+    both = [load_profile("intel-sim"), load_profile("intel-npu")]
+    assert not target_kernel(ExportOptions(target_weights="int4"), both, "fused")
+    assert target_kernel(ExportOptions(target_weights="int4"), both[:1], "fused")

@@ -84,14 +84,15 @@ def main(artifacts: list[Path] = typer.Argument(..., help="Artifacts of the same
     engines = {}
     for i, path in enumerate(artifacts):
         t0 = time.perf_counter()
-        engines[str(path)] = Engine(path, profile[i] if i < len(profile) else None)
-        console.print(f"loaded {path} in {time.perf_counter() - t0:.1f} s: {describe(engines[str(path)])}")
+        key = f"{path}" + (f" [{Path(profile[i]).stem}]" if i < len(profile) else "")   # one artifact, two profiles
+        engines[key] = Engine(path, profile[i] if i < len(profile) else None, load_draft=False)   # the target only
+        console.print(f"loaded {key} in {time.perf_counter() - t0:.1f} s: {describe(engines[key])}")
     speeds, prefill, same = decode_speeds(engines, per_task, max_new_tokens)
     steps = {n: step_anatomy(e, context, rounds) for n, e in engines.items()}
     table = Table(title=f"target AR, SpecBench {per_task}/task, {max_new_tokens} tokens; anatomy at context {context}")
     for col in ("artifact", "target", "AR tok/s", "× first", "step ms", "4-row window ms", "window ÷ step", "prefill s"):
         table.add_column(col)
-    base = speeds[str(artifacts[0])]
+    base = speeds[next(iter(engines))]
     for name, engine in engines.items():
         s = steps[name]
         table.add_row(Path(name).name, describe(engine), f"{speeds[name]:.2f}", f"{speeds[name] / base:.2f}",

@@ -102,13 +102,14 @@ class TargetRunner:
     def head(self, hidden: np.ndarray, rows: np.ndarray, exit_head: bool = False) -> dict:
         graph = (self.graphs.exit_head or self.graphs.head) if exit_head else self.graphs.head
         n = len(rows)
-        # An even number of rows, as in the segments (runtimes/kv.py): a row's logits then do not depend
-        # on how many rows share the call.
-        hidden = np.ascontiguousarray(hidden[:, [*rows, rows[-1]] if n % 2 else rows])
+        # ONNX Runtime: an even number of rows, as in the segments (runtimes/kv.py): a row's logits then do not
+        # depend on how many rows share the call. OpenVINO-native heads are row-invariant at any count.
+        pad = n % 2 == 1 and self.kv_kind is not StateKV
+        hidden = np.ascontiguousarray(hidden[:, [*rows, rows[-1]] if pad else rows])
         if exit_head and self.adapter is not None:
             hidden = self.adapter.run({"hidden_states": hidden})["adapted"]
         out = graph.run({"hidden_states": hidden})
-        return {k: v[:, :n] for k, v in out.items()} if n % 2 else out
+        return {k: v[:, :n] for k, v in out.items()} if pad else out
 
     def prefix(self, window: list[int], exit_rows: bool) -> PrefixPass:
         seq = len(window)

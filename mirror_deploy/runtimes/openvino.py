@@ -106,7 +106,9 @@ class OvGraph:
         if self.kernel:
             if device != "CPU":
                 raise MirrorDeployError(f"{name} runs mirror-deploy's 4-bit kernel, a CPU op; this profile runs it on "
-                                        f"{device}", "re-export with --target-kernel stock for this profile")
+                                        f"{device}", "re-export naming this profile too (e.g. --profile intel-sim "
+                                        "--profile intel-npu): the int4 target then uses OpenVINO's own kernel, "
+                                        "which serves both devices")
             load_kernel()
         model = core().read_model(str(path))
         if static_shapes:
