@@ -206,3 +206,20 @@ def test_our_kernel_serves_cpu_targets_only(artifacts, monkeypatch):
     both = [load_profile("intel-sim"), load_profile("intel-npu")]
     assert not target_kernel(ExportOptions(target_weights="int4"), both, "fused")
     assert target_kernel(ExportOptions(target_weights="int4"), both[:1], "fused")
+
+
+def test_the_anatomy_names_the_kernel_each_graph_runs(artifacts):
+    """`bench --anatomy` on an OpenVINO-native target: several runners share the segments' state (each one's
+    rows are trimmed by the next), the token table is not counted as streamed, and each graph's kernel is named."""
+    from mirror_deploy.bench.anatomy import anatomy, graph_kernels
+    from mirror_deploy.bench.bandwidth import graph_bytes
+    engine = Engine(artifacts["int4-stock"])
+    figures = anatomy(engine, context=40, rounds=1, prefill_tokens=16)
+    assert figures["target step × 1"] > 0 and any(k.startswith("prefill") for k in figures)
+    total, streamed = graph_bytes(artifacts["int4-stock"], engine.manifest, "target_seg0")
+    assert streamed < total
+    stock = graph_kernels(Engine(artifacts["int4-stock"], load_draft=False))
+    assert set(stock) == {"target_seg0", "target_seg1", "target_seg2", "target_seg3", "target_head"}
+    assert set(stock.values()) == {"OpenVINO's MatMul (compressed)"}
+    ours = graph_kernels(Engine(_artifact(artifacts, "int4-ours"), load_draft=False))
+    assert set(ours.values()) == {"ours: mirror_deploy::Q4MatMul"}

@@ -49,6 +49,17 @@ def anatomy(engine: Engine, context: int = 500, rounds: int = 7, prefill_tokens:
     return out
 
 
+def graph_kernels(engine: Engine) -> dict[str, str]:
+    """The matrix kernel each target graph runs: ours (mirror_deploy::Q4MatMul) or the runtime's own."""
+    graphs = [*engine.target.graphs.segments, engine.target.graphs.head]
+    names = [*engine.manifest.target_segments(), "target_head"]
+    weights = engine.manifest.target_weights
+    stock = {"onnxruntime": "ONNX Runtime MatMulNBits" if weights in ("int8", "int4", "gguf") else "ONNX Runtime MatMul",
+             "openvino": "OpenVINO's MatMul" + (" (compressed)" if weights in ("int8", "int4", "gguf") else "")}
+    return {n: "ours: mirror_deploy::Q4MatMul" if getattr(g, "kernel", False) else stock[engine.profile.target.backend]
+            for n, g in zip(names, graphs)}
+
+
 def print_anatomy(figures: dict[str, float], engine: Engine, context: int, console) -> None:
     from rich.table import Table
 
@@ -68,6 +79,8 @@ def print_anatomy(figures: dict[str, float], engine: Engine, context: int, conso
         if figures.get(f"target step × {rows}") and all(k in figures for k in keys):
             table.add_row(f"target step ÷ its graphs (segments + head), × {rows}",
                           f"{figures[f'target step × {rows}'] / sum(figures[k] for k in keys):.2f}×")
+    for name, kernel in graph_kernels(engine).items():
+        table.add_row(f"{name}: matrix kernel", kernel)
     seq = next((v for k, v in figures.items() if k.startswith("prefill") and k.endswith("sequential")), None)
     pipe = next((v for k, v in figures.items() if k.startswith("prefill") and k.endswith("pipelined")), None)
     if seq and pipe:

@@ -30,8 +30,10 @@ def _onnx_bytes(path: Path) -> tuple[int, int]:
 
 
 def _ir_bytes(path: Path) -> tuple[int, int]:
-    import openvino as ov
-    model = ov.Core().read_model(str(path))
+    from ..runtimes.openvino import core, load_kernel, needs_kernel
+    if needs_kernel(path):   # an IR holding our kernel's op reads only once the extension is loaded
+        load_kernel()
+    model = core().read_model(str(path))
     total = table = 0
     for op in model.get_ops():
         if op.get_type_name() != "Constant":

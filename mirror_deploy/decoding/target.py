@@ -46,7 +46,7 @@ class TargetRunner:
         # return new rows to copy in.
         if getattr(graphs.segments[0], "stateful", False):
             self.kv_kind = StateKV
-            self.kv = [StateKV(g.request, manifest.max_context) for g in graphs.segments]
+            self.kv = [StateKV(g, manifest.max_context) for g in graphs.segments]
         else:
             self.kv_kind = InPlaceKV if "seqlens_k" in graphs.segments[0].input_names else KVCache
             self.kv = [self.kv_kind(range(a, b), manifest.max_context, t["kv_heads"], t["head_dim"])

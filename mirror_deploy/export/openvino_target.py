@@ -144,13 +144,18 @@ def _int4_weight(w: np.ndarray):
     return ops.reshape(ops.multiply(codes, ops.constant(scale.astype(np.float32))), _const([n, k]), False)
 
 
-def _int8_weight(w: np.ndarray, group: int | None = None):
-    """Symmetric int8 per output channel (or per `group` inputs): i8 codes → Convert → Multiply scale."""
+def _int8_weight(w: np.ndarray, group: int | None = None, name: str | None = None):
+    """Symmetric int8 per output channel (or per `group` inputs): i8 codes → Convert → Multiply scale. `name`
+    names the constants (bench's bytes-streamed leaves out the token table by its name)."""
     n, k = w.shape
     g = w.reshape(n, 1 if group is None else k // group, -1)
     scale = np.abs(g).max(axis=-1, keepdims=True) / 127
     q = np.clip(np.rint(g / np.where(scale == 0, 1, scale)), -127, 127).astype(np.int8)
-    w = ops.multiply(ops.convert(ops.constant(q), ov.Type.f32), ops.constant(scale.astype(np.float32)))
+    codes, scales = ops.constant(q), ops.constant(scale.astype(np.float32))
+    if name:
+        codes.set_friendly_name(f"{name}.codes")
+        scales.set_friendly_name(f"{name}.scales")
+    w = ops.multiply(ops.convert(codes, ov.Type.f32), scales)
     return ops.reshape(w, _const([n, k]), False)
 
 
@@ -264,8 +269,10 @@ def build_ov_segment(model, arch, shape, layers: range, capacity: int, weights: 
 def _token_table(table: np.ndarray, weights: str):
     """fp32 rows, or int8 rows with a scale each for a quantized target (as the ONNX Runtime target's)."""
     if weights == "fp32":
-        return ops.constant(table)
-    return _int8_weight(table)   # per row: the plugin gathers it compressed
+        out = ops.constant(table)
+        out.set_friendly_name("embed_tokens.weight")
+        return out
+    return _int8_weight(table, name="embed_tokens")   # per row: the plugin gathers it compressed
 
 
 def build_ov_head(model, arch, shape, kappa: int, weights: str, kernel: bool) -> ov.Model:

@@ -149,11 +149,19 @@ class StateKV:
     a window would no longer compute what single steps do."""
     in_place = True
 
-    def __init__(self, request, capacity: int):
-        self.request, self.capacity = request, capacity
-        self.used = self.held = 0          # committed positions; positions the state holds
-        request.reset_state()              # a new runner owns the request (check runs several in turn)
+    def __init__(self, graph, capacity: int):
+        # The state lives in the graph's infer request, which several runners may share (check, bench's
+        # anatomy): how many positions it holds is kept on the graph, the one place all of them see.
+        self.graph, self.request, self.capacity = graph, graph.request, capacity
+        self.used = 0                      # committed positions
+        self.request.reset_state()
+        graph.state_positions = 0
         self.trims, self.trim_seconds = 0, 0.0
+
+    @property
+    def held(self) -> int:
+        """Positions the state holds (a window's rejected rows included until the next call trims them)."""
+        return self.graph.state_positions
 
     def write(self, outputs: dict[str, np.ndarray], at: int, rows) -> None:
         InPlaceKV.write(self, outputs, at, rows)
@@ -169,7 +177,7 @@ class StateKV:
         start, seq = int(feeds["position_ids"][0, 0]), feeds["position_ids"].shape[1]
         self.trim(start)
         out = graph.run(feeds)
-        self.held = start + seq
+        self.graph.state_positions = start + seq
         return out
 
     def trim(self, keep: int) -> None:
@@ -186,7 +194,7 @@ class StateKV:
             for state in self.request.query_state():   # a view of the first `keep` positions, copied in once
                 _, kv, _, hd = state.state.shape
                 state.state = ov.Tensor(state.state, ov.Coordinate([0, 0, 0, 0]), ov.Coordinate([1, kv, keep, hd]))
-        self.held = keep
+        self.graph.state_positions = keep
         self.trims += 1
         self.trim_seconds += time.perf_counter() - t0
 
