@@ -19,7 +19,7 @@ REAL_MODEL_CACHE = os.environ.get("MIRROR_DEPLOY_CACHE") or str(Path.home() / ".
 # the two workers first, so that no long file starts last and runs alone (`make test` distributes whole
 # files: --dist loadfile).
 SLOW_FIRST = ("test_real_weights.py", "test_decoding.py", "test_sampling.py", "test_streams.py", "test_lookup.py",
-              "test_fused_target.py", "test_gguf.py", "test_vocab_cut.py", "test_serve.py", "test_lens.py",
+              "test_fused_target.py", "test_gguf.py", "test_openvino_target.py", "test_vocab_cut.py", "test_serve.py", "test_lens.py",
               "test_peers.py")
 
 

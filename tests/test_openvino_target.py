@@ -23,7 +23,7 @@ from mirror_deploy.tiny import build_tiny_pair
 
 QUIET = Console(quiet=True)
 OPTS = dict(kappa=4, gamma=4, max_context=256, branch_batch=4, profile="intel-sim")
-PROMPTS = ["Hello world", "The quick brown fox", "def f(n):"]
+PROMPTS = ["Hello world", "def f(n):"]
 MODES = [("sd", "serial"), ("mirror", "serial"), ("mirror", "overlapped")]
 
 
@@ -69,9 +69,9 @@ def test_every_mode_equals_autoregressive(artifacts, kind):
     assert engine.target.graphs.segments[0].kernel == (kind == "int4-ours")
     trims = 0
     for prompt in PROMPTS:
-        expected = engine.generate(prompt, G(max_new_tokens=32, mode="ar", stop_at_eos=False)).tokens
+        expected = engine.generate(prompt, G(max_new_tokens=24, mode="ar", stop_at_eos=False)).tokens
         for mode, schedule in MODES:
-            got = engine.generate(prompt, G(max_new_tokens=32, mode=mode, schedule=schedule, stop_at_eos=False))
+            got = engine.generate(prompt, G(max_new_tokens=24, mode=mode, schedule=schedule, stop_at_eos=False))
             assert got.tokens == expected, (kind, prompt, mode, schedule)
         trims += sum(kv.trims for kv in engine.target.kv)
     assert trims > 0   # rejected rows were trimmed from the state (else this test saw no rejection)
