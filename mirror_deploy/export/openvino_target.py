@@ -67,7 +67,7 @@ def _const(value, dtype=np.int64):
 
 
 class _Builder:
-    """One graph being built: its weight format, and values every layer shares (mask, rotary tables)."""
+    """One graph being built: its weight format, and our kernel's node factory when it runs the int4 MatMuls."""
 
     def __init__(self, weights: str, kernel: bool):
         self.weights, self.kernel = weights, kernel

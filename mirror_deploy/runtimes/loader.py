@@ -44,21 +44,21 @@ def open_graph(folder: Path, manifest: Manifest, name: str, part: PartProfile, l
                                 f"which {part.backend} cannot run",
                                 "re-export with --target-attention eager for this profile")
     from .openvino import OvGraph
-    dims = None
-    if entry.static:
-        dims = static_draft_dims(manifest.branch_batch, manifest.max_context)
-        if part.static and logical == "draft":
-            return _bucketed(path, entry, manifest, part, dims)
     # int8 activations: the draft's speed; an OpenVINO-native int4/int8 target's row invariance (openvino_target.py)
     native_target = logical != "draft" and manifest.target_attention == "fused"
     int8_activations = entry.weights in ("int8", "int4", "gguf") if native_target else \
         logical == "draft" and entry.weights in ("int8", "int4", "gguf")
+    dims = None
+    if entry.static:
+        dims = static_draft_dims(manifest.branch_batch, manifest.max_context)
+        if part.static and logical == "draft":
+            return _bucketed(path, entry, manifest, part, dims, int8_activations)
     return OvGraph(path, logical, part.device, threads, part.precision,
                    static_shapes=None, static_dims=dims, cache_dir=compile_cache_dir(), pinning=part.pinning,
                    int8_activations=int8_activations)
 
 
-def _bucketed(path: Path, entry, manifest: Manifest, part: PartProfile, dims: dict):
+def _bucketed(path: Path, entry, manifest: Manifest, part: PartProfile, dims: dict, int8_activations: bool):
     """The static draft at each capacity bucket and width (static_buckets.py), compiled for the part's device."""
     from .openvino import OvGraph
     from .static_buckets import BucketedDraft, capacity_buckets, variant_shapes, widths
@@ -68,7 +68,7 @@ def _bucketed(path: Path, entry, manifest: Manifest, part: PartProfile, dims: di
             shapes = variant_shapes(entry.inputs, width, slots)
             variants[(width, slots)] = OvGraph(path, "draft", part.device, part.threads, part.precision,
                                                static_shapes=shapes, static_dims=dims, cache_dir=compile_cache_dir(),
-                                               pinning=part.pinning, int8_activations=entry.weights in ("int8", "int4", "gguf"))
+                                               pinning=part.pinning, int8_activations=int8_activations)
     return BucketedDraft(variants, dims["seq"], manifest.max_context)
 
 
