@@ -74,6 +74,13 @@ def print_anatomy(figures: dict[str, float], engine: Engine, context: int, conso
     one, window = figures.get("target step × 1"), figures.get(f"target step × {gamma + 1}")
     if one and window:
         table.add_row(f"window ÷ 1-token step (γ+1 = {gamma + 1})", f"{window / one:.2f}×")
+    if one and figures.get(draft_key(1)):   # Mirror hides the draft only while its calls fit in the suffix
+        table.add_row("draft call × 1 ÷ target step × 1", f"{figures[draft_key(1)] / one:.2f}×")
+    learned = (engine.manifest.draft or {}).get("learned")
+    if learned:   # learn-draft's held-out figures (greedy agreement with the target's argmax)
+        held = learned["held_out"]
+        table.add_row(f"learned draft: {len(learned['layers_kept'])} of {learned['of_layers']} layers, held-out "
+                      "agreement (full draft)", f"{held['learned']:.2f} ({held['full_draft']:.2f})")
     for rows in (1, gamma + 1):   # what the step adds to its graphs: feeds, bindings, Python
         keys = [segment_key(a, b, rows) for a, b in engine.target.graphs.layers] + [head_key(rows)]
         if figures.get(f"target step × {rows}") and all(k in figures for k in keys):

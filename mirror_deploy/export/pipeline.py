@@ -292,6 +292,20 @@ def _export_draft(draft: SourceModel, opts: ExportOptions, needed: set[str], sta
     return graphs
 
 
+def _source_records(target: SourceModel, draft: SourceModel | None) -> tuple[dict, dict | None]:
+    """The manifest's records of both models; a learned draft's (learn-draft) must name this target."""
+    from ..tuning.learn_draft import read_provenance, require_taught_by
+    target_record = target.describe()
+    if draft is None:
+        return target_record, None
+    draft_record = draft.describe()
+    learned = read_provenance(draft.path) if draft.path.is_dir() else None
+    require_taught_by(learned, target_record["weights_sha256"], target.path, draft.path)
+    if learned is not None:
+        draft_record["learned"] = learned
+    return target_record, draft_record
+
+
 def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: Console | None = None) -> Path:
     """`draft_path` None writes a target-only artifact: the target's graphs, tokenizer and manifest,
     which serve `ar` and `lookup` (prompt lookup needs no draft model)."""
@@ -306,6 +320,7 @@ def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: 
         target.gguf_weights = gguf_file_of(target.path, "target")
     if draft is not None and opts.draft_weights == "gguf":
         draft.gguf_weights = gguf_file_of(draft.path, "draft")
+    target_record, draft_record = _source_records(target, draft)   # before any work: a mismatched learned draft
     attention = target_attention(target, profile, opts)
     if attention == "eager":
         # Fused segments compute a row with the same bits in a verify window as alone (fused_target.py,
@@ -350,7 +365,7 @@ def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: 
             if target_tok is not None:
                 target_tok.save_pretrained(stage / "tokenizer")
             manifest = Manifest(
-                target=target.describe(), draft=draft.describe() if draft is not None else None, exit_layer=exit_layer,
+                target=target_record, draft=draft_record, exit_layer=exit_layer,
                 exit_layers=boundaries, target_weights=opts.target_weights, kappa=opts.kappa,
                 gamma=opts.gamma, max_context=opts.max_context, branch_batch=opts.branch_batch,
                 profile=profile.to_dict(), graphs=graphs, tokenizer="tokenizer" if target_tok is not None else None,

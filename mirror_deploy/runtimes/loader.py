@@ -121,10 +121,18 @@ def target_graphs(manifest: Manifest, opened: dict[str, CompiledGraph]) -> Targe
 
 
 def open_draft(folder: Path, manifest: Manifest, profile: Profile, streams: bool = False) -> CompiledGraph:
+    require_learned_for_target(manifest)
     name = draft_graph_name(manifest, profile, streams)
     graph = with_vocab(open_graph(folder, manifest, name, profile.draft, "draft"), folder, manifest, name)
     graph.streams = manifest.stream_count(name)
     return graph
+
+
+def require_learned_for_target(manifest: Manifest) -> None:
+    """A learned draft (`learn-draft`) runs only beside the target that taught it."""
+    from ..tuning.learn_draft import require_taught_by
+    learned = (manifest.draft or {}).get("learned")
+    require_taught_by(learned, manifest.target["weights_sha256"], manifest.target["path"], manifest.draft["path"])
 
 
 def draft_vocab_ids(folder: Path, manifest: Manifest) -> np.ndarray:
