@@ -23,10 +23,20 @@ runner = CliRunner()
 OPTS = dict(kappa=4, gamma=4, max_context=128, branch_batch=4)
 
 
+def _prompts(folder):
+    """Eight calibration prompts, four a category (the fourth of each is held out): the shipped 48 cost
+    the tests time and teach a random tiny model nothing more."""
+    path = folder / "prompts.jsonl"
+    rows = [{"category": c, "prompt": f"{c} prompt number {i}: say something"} for c in ("chat", "code") for i in range(4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def _learn(target, draft, out, layers=2, passes=2):
     """Bounded by passes, not time: the same steps on a fast or a loaded machine."""
     from rich.console import Console
-    return learn_draft(target, draft, out, layers, 10.0, None, 12, 0, 0, Console(quiet=True), max_passes=passes)
+    return learn_draft(target, draft, out, layers, 10.0, _prompts(out.parent), 12, 0, 0, Console(quiet=True),
+                       max_passes=passes)
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +47,12 @@ def learned(tmp_path_factory):
     target, draft = build_tiny_pair(root / "m", "qwen2", noise=0.3)
     work = root / "work"
     work.mkdir()
+    _prompts(work)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
         result = runner.invoke(cli.app, ["learn-draft", "../m/target", "../m/draft", "small", "--layers", "2",
-                                         "--minutes", "10", "--passes", "3", "--code-tokens", "0", "--new-tokens", "12"],
+                                         "--minutes", "10", "--passes", "3", "--code-tokens", "0", "--new-tokens", "12",
+                                         "--prompts", "prompts.jsonl"],
                                env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
     out = work / "small"
@@ -95,6 +107,12 @@ def test_bad_layers_and_interrupted_run(learned, tmp_path, monkeypatch):
     target, draft, *_ = learned
     with pytest.raises(MirrorDeployError, match="--layers 4"):
         _learn(target, draft, tmp_path / "x", layers=4)
+    from rich.console import Console
+    few = tmp_path / "few.jsonl"
+    few.write_text('{"category": "chat", "prompt": "hello"}\n')
+    with pytest.raises(MirrorDeployError, match="none is held out"):
+        learn_draft(target, draft, tmp_path / "x", 2, 1.0, few, 12, 0, 0, Console(quiet=True))
+    assert not (tmp_path / "x").exists()
     out = tmp_path / "kept"
     out.mkdir()
     (out / "mine.txt").write_text("untouched")

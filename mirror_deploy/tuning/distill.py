@@ -119,7 +119,7 @@ class TrainReport:
     tokens: int
     seconds: float
     passes: float        # passes over the training text
-    first_loss: float    # mean over the first pass's first 20 steps, and over the last 20 steps
+    first_loss: float    # mean over the first min(20, one pass) steps, and over the last as many
     last_loss: float
 
 
@@ -161,6 +161,7 @@ def train(model, taught: list[TaughtSequence], seconds: float, max_passes: int, 
             log(f"{steps} steps, loss {np.mean(losses[-20:]):.3f}, "
                 f"{tokens / (time.perf_counter() - start):.0f} tokens/s")
     model.eval()
+    window = max(1, min(20, len(taught)))   # at most one pass: the first and last windows are different steps
     return TrainReport(steps, tokens, time.perf_counter() - start, steps / max(len(taught), 1),
-                       float(np.mean(losses[:20])) if losses else float("nan"),
-                       float(np.mean(losses[-20:])) if losses else float("nan"))
+                       float(np.mean(losses[:window])) if losses else float("nan"),
+                       float(np.mean(losses[-window:])) if losses else float("nan"))

@@ -99,6 +99,11 @@ def learn_draft(target_path: Path, draft_path: Path, out: Path, layers: int, min
         raise MirrorDeployError(f"{target.path} has no tokenizer", "use a checkpoint saved with its tokenizer")
     _same_vocabulary(target, draft, tokenizer)
     prompt_set = load_prompts(prompts)
+    counts = {c: sum(p.category == c for p in prompt_set) for c in {p.category for p in prompt_set}}
+    if max(counts.values()) < HELD_OUT_EVERY:
+        raise MirrorDeployError(f"the calibration prompts have fewer than {HELD_OUT_EVERY} of every category "
+                                f"({counts}), so none is held out to measure the learned draft on",
+                                f"give at least {HELD_OUT_EVERY} prompts of one category")
     bf16 = bf16_native()
     torch.manual_seed(seed)
     start = time.perf_counter()

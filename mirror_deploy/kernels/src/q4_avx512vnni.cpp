@@ -20,9 +20,11 @@ void column_block(const Weights& w, const Activations& a, float* y, int64_t cb) 
     __m512 out[R];
     for (int r = 0; r < R; ++r) out[r] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
-        // Two sums per row (low and high nibbles), added at the group's end: one chain of dependent
-        // vpdpbusd per row bounded a 1-row call by the instruction's latency. Integer sums are exact in
-        // any order, so the bits are the same.
+        // At 1-2 rows, two sums per row (low and high nibbles), added at the group's end: one chain of
+        // dependent vpdpbusd per row bounded such a call by the instruction's latency (more rows already
+        // interleave their chains, and the extra registers and adds slowed 4 rows). Integer sums are
+        // exact in any order, so the bits are the same either way.
+        constexpr bool split = R <= 2;
         __m512i dot[R], dot_hi[R];
         for (int r = 0; r < R; ++r) dot[r] = dot_hi[r] = _mm512_setzero_si512();
         const uint8_t* c = codes + g * chunks * 64;
@@ -37,10 +39,16 @@ void column_block(const Weights& w, const Activations& a, float* y, int64_t cb) 
                 std::memcpy(&x0, xr, 4);
                 std::memcpy(&x1, xr + 4, 4);
                 dot[r] = _mm512_dpbusd_epi32(dot[r], lo, _mm512_set1_epi32(x0));
-                dot_hi[r] = _mm512_dpbusd_epi32(dot_hi[r], hi, _mm512_set1_epi32(x1));
+                if constexpr (split) {
+                    dot_hi[r] = _mm512_dpbusd_epi32(dot_hi[r], hi, _mm512_set1_epi32(x1));
+                } else {
+                    dot[r] = _mm512_dpbusd_epi32(dot[r], hi, _mm512_set1_epi32(x1));
+                }
             }
         }
-        for (int r = 0; r < R; ++r) dot[r] = _mm512_add_epi32(dot[r], dot_hi[r]);
+        if constexpr (split) {
+            for (int r = 0; r < R; ++r) dot[r] = _mm512_add_epi32(dot[r], dot_hi[r]);
+        }
 #ifdef MIRROR_Q4_BROKEN_SCALE   // a deliberately wrong build, for the test that the kernel's check catches one
         const __m512 s = _mm512_mul_ps(_mm512_set1_ps(1.25f),
                                        _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + g * kCols))));
