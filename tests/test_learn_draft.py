@@ -17,7 +17,8 @@ from mirror_deploy.decoding.engine import Engine
 from mirror_deploy.errors import MirrorDeployError
 from mirror_deploy.export.pipeline import ExportOptions, export_artifact
 from mirror_deploy.tiny import build_tiny_pair
-from mirror_deploy.tuning.learn_draft import PROVENANCE, learn_draft
+from mirror_deploy.learned_draft import PROVENANCE
+from mirror_deploy.tuning.learn_draft import learn_draft
 
 runner = CliRunner()
 OPTS = dict(kappa=4, gamma=4, max_context=128, branch_batch=4)
@@ -156,3 +157,14 @@ def test_anatomy_reports_the_draft_share_and_the_learned_agreement(learned):
     print_anatomy(figures, engine, 40, console)
     text = console.export_text()
     assert "draft call × 1 ÷ target step × 1" in text and "learned draft: 2 of 4 layers" in text
+
+
+def test_the_record_names_its_training_prompts_and_tuning_holds_them_out(learned):
+    from mirror_deploy.learned_draft import trained_prompts
+    from mirror_deploy.artifact import read_manifest
+    from mirror_deploy.tuning.calibration import load_prompts, prompt_sha256
+    target, draft, out, art, _ = learned
+    trained = trained_prompts(read_manifest(art))
+    prompts = load_prompts(out.parent / "prompts.jsonl")
+    # four prompts a category, the fourth of each held out: six trained
+    assert trained == {prompt_sha256(p.text) for i, p in enumerate(prompts) if i % 4 != 3}

@@ -294,7 +294,7 @@ def _export_draft(draft: SourceModel, opts: ExportOptions, needed: set[str], sta
 
 def _source_records(target: SourceModel, draft: SourceModel | None) -> tuple[dict, dict | None]:
     """The manifest's records of both models; a learned draft's (learn-draft) must name this target."""
-    from ..tuning.learn_draft import read_provenance, require_taught_by
+    from ..learned_draft import read_provenance, require_taught_by
     target_record = target.describe()
     if draft is None:
         return target_record, None

@@ -130,7 +130,7 @@ def open_draft(folder: Path, manifest: Manifest, profile: Profile, streams: bool
 
 def require_learned_for_target(manifest: Manifest) -> None:
     """A learned draft (`learn-draft`) runs only beside the target that taught it."""
-    from ..tuning.learn_draft import require_taught_by
+    from ..learned_draft import require_taught_by
     learned = (manifest.draft or {}).get("learned")
     require_taught_by(learned, manifest.target["weights_sha256"], manifest.target["path"], manifest.draft["path"])
 

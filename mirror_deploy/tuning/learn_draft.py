@@ -19,40 +19,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import MirrorDeployError
+from ..learned_draft import FORMAT, PROVENANCE, read_provenance
 
-PROVENANCE = "learned_draft.json"
-FORMAT = 1
 HELD_OUT_EVERY = 4
-
-
-def read_provenance(draft_path: Path) -> dict | None:
-    """The learned draft's record, or None for an ordinary checkpoint."""
-    path = Path(draft_path) / PROVENANCE
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-        record["target"]["weights_sha256"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise MirrorDeployError(f"{path} is not a learned draft's record",
-                                "re-run `mirror-deploy learn-draft` into a new folder") from None
-    return record
-
-
-def retrain_command(record: dict, target_path: str | Path | None = None) -> str:
-    target = target_path if target_path is not None else record["target"]["path"]
-    return (f"mirror-deploy learn-draft {target} {record['base_draft']['path']} OUT "
-            f"--layers {len(record['layers_kept'])}")
-
-
-def require_taught_by(record: dict | None, target_sha256: str, target_path, draft_path) -> None:
-    """Refuse a learned draft taught by another target: its proposals would be fitted to that one."""
-    if record is None or record["target"]["weights_sha256"] == target_sha256:
-        return
-    raise MirrorDeployError(
-        f"draft {draft_path} was taught by target {record['target']['path']} (weights sha256 "
-        f"{record['target']['weights_sha256'][:12]}…), not by {target_path} ({target_sha256[:12]}…)",
-        f"teach one for this target: {retrain_command(record, target_path)}")
 
 
 def split_held_out(sequences: list) -> tuple[list, list]:
@@ -77,15 +46,12 @@ def learn_draft(target_path: Path, draft_path: Path, out: Path, layers: int, min
                 new_tokens: int, code_tokens: int, seed: int, console, max_passes: int = 100,
                 lr: float = 1e-4) -> dict:
     import torch
-    from contextlib import contextmanager
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
     from ..export.loading import open_source
     from ..export.pipeline import _same_vocabulary, staging_folder
-    from .calibration import cached_sequences, load_prompts
+    from .calibration import cached_sequences, load_prompts, prompt_sha256
     from .distill import agreement, bf16_native, cut_layers, default_keep, teach, train
     from .learn_streams import code_sequences
+    from .progress import phase_bars
 
     out = Path(out).expanduser()
     if minutes <= 0:
@@ -107,18 +73,11 @@ def learn_draft(target_path: Path, draft_path: Path, out: Path, layers: int, min
     bf16 = bf16_native()
     torch.manual_seed(seed)
     start = time.perf_counter()
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=False) as bar:
-        @contextmanager
-        def progress(text, total: int = 1):
-            task = bar.add_task(text, total=total)
-            yield lambda description=None: bar.update(task, advance=1, **({"description": description}
-                                                                          if description else {}))
-            bar.update(task, completed=total)
-
+    with phase_bars(console) as progress:
         with progress("the target's continuations of the calibration prompts (cached)"):
             sequences = cached_sequences(target.path, target.load_model, tokenizer, prompt_set, new_tokens)
         train_seqs, held = split_held_out(sequences)
+        held_texts = {prompt_sha256(p.text) for p, s in zip(prompt_set, sequences) if s in held}
         train_seqs += code_sequences(tokenizer, code_tokens, seed=seed) if code_tokens else []
         with progress(f"the target's top-k over {len(train_seqs) + len(held)} sequences",
                       len(train_seqs) + len(held)) as advance:
@@ -143,6 +102,7 @@ def learn_draft(target_path: Path, draft_path: Path, out: Path, layers: int, min
             "format": FORMAT, "layers_kept": keep, "of_layers": draft.shape.num_layers,
             "base_draft": {k: v for k, v in draft.describe().items() if k in ("path", "weights_sha256")},
             "target": target_record,
+            "trained_on": sorted({prompt_sha256(p.text) for p in prompt_set} - held_texts),
             "held_out": {"full_draft": full, "cut_untrained": untrained, "learned": learned,
                          "sequences": len(held), "what": "greedy agreement with the target's argmax on held-out "
                                                          "calibration continuations"},

@@ -186,9 +186,7 @@ def write_streams(folder: Path, manifest, block, report, trained_on: list[str], 
 
 
 def learn_streams(folder: Path, config, prompts: Path | None, new_tokens: int, code_tokens: int, console) -> dict:
-    from contextlib import contextmanager
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from .progress import phase_bars
 
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -197,17 +195,7 @@ def learn_streams(folder: Path, config, prompts: Path | None, new_tokens: int, c
                                 "re-export with `mirror-deploy export TARGET --draft DRAFT`")
     streamed_graphs(manifest)   # refused before any training
     start = time.perf_counter()
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=False) as bar:
-        @contextmanager
-        def progress(text, total: int = 1):
-            task = bar.add_task(text, total=total)
-
-            def advance(description: str | None = None):
-                bar.update(task, advance=1, **({"description": description} if description else {}))
-            yield advance
-            bar.update(task, completed=total)
-
+    with phase_bars(console) as progress:
         block, report, trained = train(folder, manifest, config, prompts, new_tokens, code_tokens, progress)
         with progress("compiling the streams into the draft graphs"):
             names = write_streams(folder, manifest, block, report, trained, code_tokens)

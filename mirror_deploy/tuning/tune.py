@@ -32,6 +32,7 @@ from ..costs.curves import Curves
 from ..costs.latency import MirrorConfig
 from . import model
 from .measure import curve_contexts, measure_curves
+from ..learned_draft import trained_prompts
 from .attach import trained_on
 from .calibration import prompt_sha256
 from .prompts import SHIPPED, pick, read_prompts
@@ -96,16 +97,16 @@ def encode_prompts(engine: Engine, opts: TuneOptions, source: Path, console: Con
     if passed:
         console.print(f"[yellow]note:[/] passed over {passed} shipped calibration prompt(s) longer than the "
                       f"artifact's KV capacity {m.max_context} allows")
-    # The learned exits' training prompts are kept for last: measured on their own training text, the
-    # exits' hit rates come out optimistic, and the choice of ℓe would follow them.
-    trained = trained_on(engine.folder) or set()
+    # The learned exits' and the learned draft's training prompts are kept for last: measured on their own
+    # training text, hit rates and acceptance come out optimistic, and the choices would follow them.
+    trained = (trained_on(engine.folder) or set()) | trained_prompts(engine.manifest)
     unseen = [p for p, _ in fitting if prompt_sha256(p.prompt) not in trained]
     chosen = pick(unseen, opts.prompts, opts.seed)
     overlap = pick([p for p, _ in fitting if prompt_sha256(p.prompt) in trained], opts.prompts - len(chosen),
                    opts.seed) if len(chosen) < opts.prompts else []
     if overlap:
         console.print(f"[yellow]note:[/] {len(overlap)} of the {len(chosen) + len(overlap)} calibration prompts trained "
-                      "the artifact's learned exits: the exits' hit rates measured on them are optimistic")
+                      "the artifact's learned exits or draft: what is measured on them is optimistic")
     ids_of = {p.line: ids for p, ids in fitting}
     return [(p, ids_of[p.line]) for p in chosen + overlap], sha, chat, len(overlap)
 

@@ -27,10 +27,12 @@ from ..decoding.config import GenerationConfig
 from ..decoding.drive import DraftDriver
 from ..decoding.engine import Engine
 from ..errors import MirrorDeployError
+from ..learned_draft import trained_prompts
 from ..export.openvino_ir import ir_io
 from ..export.shapes import DRAFT_TOP_M
 from ..export.vocab_cut import cut_draft_ir
 from ..runtimes.loader import draft_graph_name, draft_vocab_ids
+from .calibration import prompt_sha256
 from .prompts import pick, read_prompts
 from .store import replace_manifest
 
@@ -205,7 +207,11 @@ def choose_vocab(engine: Engine, opts: VocabOptions, console=None) -> tuple[Voca
         return VocabChoice(None), np.arange(vocab)
     prompts, _ = read_prompts(opts.calibration)
     chat = bool(getattr(engine.tokenizer, "chat_template", None))
-    heldout = pick(prompts, min(opts.heldout, len(prompts) - 1), opts.seed)
+    # Held out from the prompts a learned draft did not train on, where there are enough: measured, a
+    # 4-layer learned draft agreed 0.61 on a held-out set where 5 of 6 prompts had trained it, 0.20 on unseen.
+    trained = trained_prompts(m)
+    unseen = [p for p in prompts if prompt_sha256(p.prompt) not in trained]
+    heldout = pick(unseen if len(unseen) > opts.heldout else prompts, min(opts.heldout, len(prompts) - 1), opts.seed)
     training = [p for p in prompts if p not in heldout]
     say = console.print if console else (lambda *a: None)
     continued = pick(training, min(opts.continued, len(training)), opts.seed)
