@@ -95,7 +95,7 @@ def learn_draft(target_path: Path, draft_path: Path, out: Path, layers: int, min
             untrained = agreement(student, taught_held, bf16)
         with progress(f"teaching {len(keep)} layers for {minutes:g} min", 1) as advance:
             report = train(student, taught, minutes * 60, max_passes, lr, seed, bf16,
-                           log=lambda text: advance(description=f"teaching {len(keep)} layers: {text}") or None)
+                           log=lambda text: advance(f"teaching {len(keep)} layers: {text}", step=0))
         with progress("held-out agreement of the learned draft"):
             learned = agreement(student, taught_held, bf16)
         record = {

@@ -6,7 +6,8 @@ from contextlib import contextmanager
 
 @contextmanager
 def phase_bars(console):
-    """Yields `progress(text, total=1)`, a context for one phase that gives `advance(description=None)`."""
+    """Yields `progress(text, total=1)`, a context for one phase that gives `advance(description=None, step=1)`
+    (step 0: a new description only)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -15,8 +16,8 @@ def phase_bars(console):
         def progress(text, total: int = 1):
             task = bar.add_task(text, total=total)
 
-            def advance(description: str | None = None):
-                bar.update(task, advance=1, **({"description": description} if description else {}))
+            def advance(description: str | None = None, step: int = 1):
+                bar.update(task, advance=step, **({"description": description} if description else {}))
             yield advance
             bar.update(task, completed=total)
         yield progress
