@@ -50,6 +50,13 @@ def _int_list(text: Optional[str], flag: str) -> Optional[list[int]]:
                                 f"write e.g. {flag} 10,14,18,22") from None
 
 
+def _at_least(*checks: tuple[str, int, int]) -> None:
+    """Refuse the first (flag, value, least) whose value is below its least."""
+    for flag, value, least in checks:
+        if value < least:
+            raise MirrorDeployError(f"{flag} {value} is below {least}", f"pass {flag} {least} or more")
+
+
 @app.command()
 @friendly
 def export(
@@ -259,9 +266,7 @@ def learn_streams(
     OpenVINO graphs as `<graph>_streams`; prints the held-out acceptance per window position."""
     from .tuning.learn_streams import learn_streams as learn
     from .tuning.streams import StreamConfig
-    for flag, value, least in (("--streams", streams, 1), ("--epochs", epochs, 1), ("--code-tokens", code_tokens, 0)):
-        if value < least:
-            raise MirrorDeployError(f"{flag} {value} is below {least}", f"pass {flag} {least} or more")
+    _at_least(("--streams", streams, 1), ("--epochs", epochs, 1), ("--code-tokens", code_tokens, 0))
     summary = learn(artifact, StreamConfig(streams=streams, epochs=epochs, seed=seed), prompts, new_tokens,
                     code_tokens, err)
     rates = ", ".join(f"{a:.2f}" for a in summary["acceptance"])
@@ -291,9 +296,7 @@ def learn_draft(
     """Cut the draft to a few layers and teach them the target's next-token distribution (distillation on the
     target's own continuations): a draft a fraction of the cost, for `export --draft OUT`."""
     from .tuning.learn_draft import learn_draft as learn
-    for flag, value, least in (("--code-tokens", code_tokens, 0), ("--passes", passes, 1), ("--new-tokens", new_tokens, 1)):
-        if value < least:
-            raise MirrorDeployError(f"{flag} {value} is below {least}", f"pass {flag} {least} or more")
+    _at_least(("--code-tokens", code_tokens, 0), ("--passes", passes, 1), ("--new-tokens", new_tokens, 1))
     summary = learn(target, draft, out, layers, minutes, prompts, new_tokens, code_tokens, seed, err, passes)
     held = summary["held_out"]
     err.print(f"[green]wrote[/] {summary['out']} in {summary['seconds']:.0f} s: {len(summary['layers_kept'])} of "

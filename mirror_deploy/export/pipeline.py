@@ -31,7 +31,7 @@ from .shapes import draft_top_m, graph_io
 from .options import (EXIT_HEAD_FORMATS, QUANTIZED_EMBEDDING, TARGET_ATTENTION, TARGET_WEIGHT_BITS,  # noqa: F401
                       WEIGHT_BITS, ExportOptions, default_exit_layers, target_attention, validate)
 
-def _same_vocabulary(target: SourceModel, draft: SourceModel, target_tok) -> None:
+def same_vocabulary(target: SourceModel, draft: SourceModel, target_tok) -> None:
     """Target and draft must map tokens to the same ids. Two GGUF files are compared by their token lists,
     read from the headers (converting the draft's tokenizer only to compare it took 26 s)."""
     if target.path.suffix == ".gguf" and draft.path.suffix == ".gguf":
@@ -299,7 +299,7 @@ def _source_records(target: SourceModel, draft: SourceModel | None) -> tuple[dic
     if draft is None:
         return target_record, None
     draft_record = draft.describe()
-    learned = read_provenance(draft.path) if draft.path.is_dir() else None
+    learned = read_provenance(draft.path)   # None for an ordinary checkpoint or a .gguf
     require_taught_by(learned, target_record["weights_sha256"], target.path, draft.path)
     if learned is not None:
         draft_record["learned"] = learned
@@ -346,7 +346,7 @@ def export_artifact(target_path, draft_path, out, opts: ExportOptions, console: 
         with step(f"loading target {target.path.name}"):
             target_tok = target.load_tokenizer()
             if draft is not None:
-                _same_vocabulary(target, draft, target_tok)
+                same_vocabulary(target, draft, target_tok)
             target_model = (load_gguf_model(target.gguf_weights, target.config) if target.gguf_weights
                             else target.load_model())
             kept = published_table(target_model, target.arch, target.path) if attention == "fused" else None

@@ -3,7 +3,7 @@ by TARGET, written as a checkpoint folder that `export --draft OUT` deploys like
 
 1. Text: the target's greedy continuations of the calibration prompts (what a draft must predict while
    decoding; cached per checkpoint, as the learned exit's), plus code from the Python standard library.
-   Every fourth calibration sequence of each category is held out.
+   A quarter of each category's calibration sequences is held out.
 2. The teacher: one target pass over every sequence, its top-k log-probs kept (tuning/distill.py).
 3. The student: DRAFT cut to L layers (the first L-1 and the last), then trained for `--minutes`.
 4. OUT gets the student's weights and config, the tokenizer, and `learned_draft.json`: the target it was
@@ -21,17 +21,7 @@ from pathlib import Path
 from ..errors import MirrorDeployError
 from ..learned_draft import FORMAT, PROVENANCE, read_provenance
 
-HELD_OUT_EVERY = 4
-
-
-def split_held_out(sequences: list) -> tuple[list, list]:
-    """(train, held out): every HELD_OUT_EVERY-th sequence of each category is held out."""
-    seen: dict[str, int] = {}
-    train, held = [], []
-    for seq in sequences:
-        n = seen[seq.category] = seen.get(seq.category, -1) + 1
-        (held if n % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 else train).append(seq)
-    return train, held
+HELD_OUT = 0.25   # share of each category's calibration sequences held out
 
 
 def _save(model, tokenizer, folder: Path, record: dict) -> None:
@@ -47,37 +37,38 @@ def learn_draft(target_path: Path, draft_path: Path, out: Path, layers: int, min
                 lr: float = 1e-4) -> dict:
     import torch
     from ..export.loading import open_source
-    from ..export.pipeline import _same_vocabulary, staging_folder
+    from ..export.pipeline import same_vocabulary, staging_folder
     from .calibration import cached_sequences, load_prompts, prompt_sha256
     from .distill import agreement, bf16_native, cut_layers, default_keep, teach, train
     from .learn_streams import code_sequences
     from .progress import phase_bars
+    from .streams import split_by_category
 
     out = Path(out).expanduser()
     if minutes <= 0:
         raise MirrorDeployError(f"--minutes {minutes} is not positive", "give the training time, e.g. --minutes 10")
     target, draft = open_source(target_path, "target"), open_source(draft_path, "draft")
     keep = default_keep(draft.shape.num_layers, layers)
-    if read_provenance(draft.path) if draft.path.is_dir() else None:
+    if read_provenance(draft.path):
         raise MirrorDeployError(f"{draft.path} is itself a learned draft", "cut from the draft it was learned from")
     tokenizer = target.load_tokenizer()
     if tokenizer is None:
         raise MirrorDeployError(f"{target.path} has no tokenizer", "use a checkpoint saved with its tokenizer")
-    _same_vocabulary(target, draft, tokenizer)
+    same_vocabulary(target, draft, tokenizer)
     prompt_set = load_prompts(prompts)
-    counts = {c: sum(p.category == c for p in prompt_set) for c in {p.category for p in prompt_set}}
-    if max(counts.values()) < HELD_OUT_EVERY:
-        raise MirrorDeployError(f"the calibration prompts have fewer than {HELD_OUT_EVERY} of every category "
-                                f"({counts}), so none is held out to measure the learned draft on",
-                                f"give at least {HELD_OUT_EVERY} prompts of one category")
+    train_at, held_at = split_by_category([p.category for p in prompt_set], HELD_OUT, seed)
+    if not held_at:
+        counts = {c: sum(p.category == c for p in prompt_set) for c in {p.category for p in prompt_set}}
+        raise MirrorDeployError(f"the calibration prompts ({counts} by category) are too few to hold a quarter of "
+                                "a category out, so none is held out to measure the learned draft on",
+                                "give at least 4 prompts of one category")
     bf16 = bf16_native()
     torch.manual_seed(seed)
     start = time.perf_counter()
     with phase_bars(console) as progress:
         with progress("the target's continuations of the calibration prompts (cached)"):
             sequences = cached_sequences(target.path, target.load_model, tokenizer, prompt_set, new_tokens)
-        train_seqs, held = split_held_out(sequences)
-        held_texts = {prompt_sha256(p.text) for p, s in zip(prompt_set, sequences) if s in held}
+        train_seqs, held = [sequences[i] for i in train_at], [sequences[i] for i in held_at]
         train_seqs += code_sequences(tokenizer, code_tokens, seed=seed) if code_tokens else []
         with progress(f"the target's top-k over {len(train_seqs) + len(held)} sequences",
                       len(train_seqs) + len(held)) as advance:
@@ -102,7 +93,7 @@ def learn_draft(target_path: Path, draft_path: Path, out: Path, layers: int, min
             "format": FORMAT, "layers_kept": keep, "of_layers": draft.shape.num_layers,
             "base_draft": {k: v for k, v in draft.describe().items() if k in ("path", "weights_sha256")},
             "target": target_record,
-            "trained_on": sorted({prompt_sha256(p.text) for p in prompt_set} - held_texts),
+            "trained_on": sorted({prompt_sha256(prompt_set[i].text) for i in train_at}),
             "held_out": {"full_draft": full, "cut_untrained": untrained, "learned": learned,
                          "sequences": len(held), "what": "greedy agreement with the target's argmax on held-out "
                                                          "calibration continuations"},

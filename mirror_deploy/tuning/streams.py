@@ -85,10 +85,16 @@ def draft_features(model, sequences: list[CalibrationSequence], advance=None) ->
 
 def split(feats: StreamFeatures, held_out: float, seed: int) -> tuple[list[int], list[int]]:
     """Sequence indices (train, held out), held out per category so every kind of text is measured."""
+    return split_by_category(feats.category, held_out, seed)
+
+
+def split_by_category(categories: list[str], held_out: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices (train, held out) of sequences of these categories: a `held_out` share of each category that
+    has more than one sequence, picked by `seed`."""
     rng = np.random.default_rng(seed)
     train, test = [], []
-    for cat in sorted(set(feats.category)):
-        members = [i for i, c in enumerate(feats.category) if c == cat]
+    for cat in sorted(set(categories)):
+        members = [i for i, c in enumerate(categories) if c == cat]
         rng.shuffle(members)
         cut = int(round(len(members) * held_out)) if len(members) > 1 else 0
         test += members[:cut]
