@@ -1,5 +1,5 @@
 """`make demo`: pull the default real pair as users deploy it (its published 4-bit GGUF files), export it
-for this machine's `cpu` profile, tune it lightly once, and run one prompt autoregressively, with vanilla
+for this machine's cores (`demo_profile`), tune it lightly once, and run one prompt autoregressively, with vanilla
 SD, with Mirror-SD and with the tuned best mode: the same text from each, and each one's speed.
 
 Why this pair: the GGUF route reads the files' own blocks (no dense fp32 copy is made: the export peaks
@@ -19,20 +19,33 @@ from .export.pipeline import ExportOptions, export_artifact
 from .report import TextStream, print_stats
 
 DEMO_PROMPT = "Write a Python function that returns the n-th Fibonacci number, with a short docstring."
-# Both published GGUF files kept (Q4_K_M), on the `cpu` profile (the machine's own cores); γ = 7 and 4
+# Both published GGUF files kept (Q4_K_M), on the machine's own cores (`demo_profile`); γ = 7 and 4
 # branches are the most a run may use: `tune` picks within them.
 DEMO_EXPORT = ExportOptions(gamma=7, kappa=8, max_context=1536, branch_batch=4, profile="cpu",
                             target_weights="gguf", draft_weights="gguf")
+
+
+def demo_profile() -> tuple[str, str]:
+    """The profile the demo exports for, and why. Where our 4-bit kernel is usable, `cpu-openvino`: the
+    OpenVINO-native target runs the GGUF's 4-bit blocks in it (AR 1.3x the `cpu` profile's ONNX Runtime target
+    here, docs/results/openvino-native-target-2026-12-07.md). Otherwise `cpu`, whose ONNX Runtime target keeps
+    the blocks in its stock MatMulNBits kernel (on OpenVINO the GGUF blocks need our kernel)."""
+    from .kernels import status
+    kernel = status()
+    if kernel.available:
+        return "cpu-openvino", f"our 4-bit kernel is usable ({kernel.isa})"
+    return "cpu", f"our 4-bit kernel is not usable ({kernel.why}): the stock kernels run"
 # The demo's first tune: the calibration prompts, three rounds per cost curve, no every-mode check (the demo itself
 # shows every mode's text equal); `mirror-deploy tune ART` runs the full one.
 DEMO_TUNE = dict(prompts=12, new_tokens=32, rounds=3, measure_prompts=0)
 
 
 def ensure_artifact(target: Path, draft: Path, out: Path, opts: ExportOptions, console: Console) -> Path:
-    """Export once; an artifact already exported from the same sources is reused."""
+    """Export once; an artifact already exported from the same sources for the same profile is reused."""
     if (out / "manifest.json").is_file():
         manifest = read_manifest(out)
-        if manifest.target["path"] == str(target.resolve()) and manifest.draft["path"] == str(draft.resolve()):
+        if (manifest.target["path"] == str(target.resolve()) and manifest.draft["path"] == str(draft.resolve())
+                and manifest.profile["name"] == opts.profile):
             console.print(f"using the artifact in {out} (delete it to export again)")
             return out
         opts = ExportOptions(**{**vars(opts), "force": True})
@@ -50,7 +63,9 @@ def run_demo(out: Path, prompt: str = DEMO_PROMPT, max_new_tokens: int = 64, tin
         from .models import get_pair, pull_gguf
         pair = get_pair()
         target, draft = pull_gguf(pair.target), pull_gguf(pair.draft)
-        opts = DEMO_EXPORT
+        profile, why = demo_profile()
+        console.print(f"profile: [bold]{profile}[/] ({why})")
+        opts = ExportOptions(**{**vars(DEMO_EXPORT), "profile": profile})
     artifact = ensure_artifact(Path(target), Path(draft), out, opts, console)
     if not (artifact / "tuning.json").is_file():   # measure this machine once: it picks ℓe, κ, γ, budget
         from .tuning.tune import TuneOptions, print_tuning, tune_artifact

@@ -103,6 +103,17 @@ def test_check_passes_and_counts_the_fused_attention(artifacts):
     assert len(fused) == 4 and all(r.result == "PASS" for r in fused)
 
 
+def test_the_plugin_fuses_each_layers_rotary_embedding(artifacts):
+    """The rotation is written as HF's rotate_half (Slices), which the CPU plugin fuses into one RoPE node per
+    q and k: if a version stops matching it, the layers fall back to reference Split/Concat nodes (slower)."""
+    from mirror_deploy.runtimes.openvino import runtime_layer_types
+    manifest = read_manifest(artifacts["fp32"])
+    target = open_target(artifacts["fp32"], manifest, load_profile("intel-sim"))
+    for name, graph in zip(manifest.target_segments(), target.segments):
+        layers = range(*manifest.graphs[name].layers)
+        assert runtime_layer_types(graph.compiled).count("RoPE") == 2 * len(layers), name
+
+
 def test_a_second_run_compiles_from_the_cache(artifacts, monkeypatch):
     import time
     folder = artifacts["fp32"]
