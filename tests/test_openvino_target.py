@@ -80,6 +80,19 @@ def test_every_mode_equals_autoregressive(artifacts, kind):
     assert calls[(1, 128)] > 0 and calls[(5, 128)] > 0
 
 
+def test_dropped_drafts_do_not_push_a_short_context_into_a_larger_bucket(artifacts):
+    """Under 128 live slots the whole run, but more than 128 written: rejected drafts are compacted away
+    before they would push a call into the 256 bucket (DraftCache.room), and the text stays AR's."""
+    engine = Engine(artifacts["fp32"])
+    expected = engine.generate("def f(n):", G(max_new_tokens=100, mode="ar", stop_at_eos=False)).tokens
+    calls = engine.draft.graph.calls
+    calls.update({key: 0 for key in calls})
+    got = engine.generate("def f(n):", G(max_new_tokens=100, mode="mirror", stop_at_eos=False))
+    assert got.tokens == expected
+    assert calls[(1, 256)] == calls[(5, 256)] == 0, calls
+    assert engine.draft.cache.compactions > 0
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_window_row_has_the_bits_of_a_single_step(artifacts, kind):
     """Logits of a 6-row window equal those of six 1-row steps bit for bit, after a rollback too."""

@@ -269,3 +269,24 @@ def test_devices_lists_what_runs_here():
     result = CliRunner().invoke(cli.app, ["devices"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     assert "CPUExecutionProvider" in result.output and "cuda-npu" in result.output
+
+
+def test_dropped_slots_are_compacted_before_they_spill_into_a_larger_bucket():
+    """A bucketed static draft runs a call at the smallest capacity holding its used slots: dropped drafts
+    must not push a short context into a larger bucket."""
+    store = BufferStore(range(1), capacity=32, kv_heads=1, head_dim=2)
+    cache = DraftCache(store, capacity=32, buckets=(8, 16, 32))
+    cache.used, cache.committed = 6, 6
+    cache.is_committed[:6] = cache.live[:6] = True
+    store.buffers["past_key.0"][0, :6, 0, 0] = np.arange(6)
+    assert cache.ensure_room(2) is None                       # 6 + 2 fit the 8 bucket
+    cache.used = 8                                             # two drafts written, then dropped
+    where = cache.ensure_room(2)                               # 8 + 2 would need 16; 6 live + 2 fit 8
+    assert where is not None and cache.used == 6 and cache.compactions == 1
+    np.testing.assert_array_equal(store.buffers["past_key.0"][0, :6, 0, 0], np.arange(6))
+    cache.live[6:14] = True                                    # 14 live slots: the 16 bucket is right
+    cache.used = 14
+    assert cache.ensure_room(2) is None
+    unbucketed = DraftCache(BufferStore(range(1), capacity=32, kv_heads=1, head_dim=2), capacity=32)
+    unbucketed.used = 30
+    assert unbucketed.ensure_room(2) is None                   # no buckets: only the capacity counts

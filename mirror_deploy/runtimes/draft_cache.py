@@ -102,8 +102,9 @@ class DraftCache:
     """The slot tree (see the module docstring). `committed` counts committed tokens, which hold
     positions 0..committed-1; `used` counts slots written since the last compaction or reset."""
 
-    def __init__(self, store, capacity: int):
+    def __init__(self, store, capacity: int, buckets: tuple[int, ...] = ()):
         self.store, self.capacity = store, capacity
+        self.buckets = sorted(b for b in buckets if b < capacity)   # a bucketed static draft's smaller capacities
         self.parent = np.full(capacity, COMMITTED, np.int64)
         self.token = np.zeros(capacity, np.int64)
         self.position = np.zeros(capacity, np.int64)
@@ -211,10 +212,18 @@ class DraftCache:
             self.compact_seconds += time.perf_counter() - start
         return where
 
+    def room(self, need: int) -> int:
+        """The slots `need` more may fill before a compaction: the capacity, or with buckets the smallest
+        bucket that holds the live slots and `need`. A bucketed static draft runs each call at the smallest
+        capacity holding its used slots (static_buckets.py), and dropped slots count there until compacted:
+        without this, rejected drafts would push a 300-token context into the 1024 bucket."""
+        live = int(np.count_nonzero(self.live[:self.used])) + need
+        return next((b for b in self.buckets if b >= live), self.capacity)
+
     def ensure_room(self, need: int) -> np.ndarray | None:
-        """Make room for `need` more slots, compacting if they would not fit. Call only where no slot
+        """Make room for `need` more slots, compacting if they would not fit (`room`). Call only where no slot
         ids are held outside the cache except those remapped with the returned map (None: no change)."""
-        if self.used + need <= self.capacity:
+        if self.used + need <= self.room(need):
             return None
         where = self.compact()
         if self.used + need > self.capacity:
