@@ -25,6 +25,7 @@ class ArchSpec:
     learned_positions: str | None = None  # learned position table (GPT-2)
     layer_returns_tuple: bool = False
     fused_attention: bool = False  # OpenVINO CPU fuses the exported attention (stateful draft, measured)
+    grouped_query: bool = False    # HF attention takes (query, key, value, mask, scaling): graphs.grouped_attention applies
 
     def decoder_of(self, model: nn.Module) -> nn.Module:
         return getattr(model, self.decoder)
@@ -59,7 +60,7 @@ class ArchSpec:
 LLAMA_FAMILY = ArchSpec(
     family="llama", model_types=("llama", "qwen2", "qwen3", "mistral"),
     decoder="model", embed="embed_tokens", layers="layers", final_norm="norm", rotary="rotary_emb",
-    fused_attention=True,
+    fused_attention=True, grouped_query=True,
 )
 GPT2 = ArchSpec(
     family="gpt2", model_types=("gpt2",),

@@ -6,10 +6,50 @@ come in as flat tensors; a small cache object hands them to the HF attention and
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
 from .architectures import ArchSpec
+
+GROUPED = "mirror_grouped_query"
+
+
+def grouped_query_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """HF's eager attention without repeat_kv: each K/V head's query heads are one [group·seq, hd] block
+    multiplied by that head's K and V. The same products and sums as eager (equal logits, checked), but the
+    traced graph no longer broadcasts K and V to every query head and transposes the copy: on OpenVINO's CPU
+    that took 40% of a static 0.5B draft call at 512 slots (44.6 → 35.7 ms at one row, one thread)."""
+    if attention_mask is None:
+        raise ValueError("the exported graphs always feed a 4-D attention mask")
+    b, heads, seq, hd = query.shape
+    kv = key.shape[1]
+    group = heads // kv
+    scores = torch.matmul(query.reshape(b, kv, group * seq, hd), key.transpose(2, 3)) * scaling
+    scores = scores.reshape(b, kv, group, seq, -1) + attention_mask[:, :, None, :, :key.shape[-2]]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs.reshape(b, kv, group * seq, -1), value)
+    return out.reshape(b, heads, seq, hd).transpose(1, 2).contiguous(), None
+
+
+@contextmanager
+def grouped_attention(model: nn.Module, arch: ArchSpec):
+    """Trace `model` with grouped_query_attention where its architecture takes it and it has fewer K/V heads
+    than query heads (for the explicit-K/V draft: the stateful draft keeps eager attention, the pattern
+    OpenVINO fuses into ScaledDotProductAttention with its K/V state)."""
+    config = model.config
+    if not arch.grouped_query or getattr(config, "num_key_value_heads", None) in (None, config.num_attention_heads):
+        yield model
+        return
+    from transformers import AttentionInterface
+    AttentionInterface.register(GROUPED, grouped_query_attention)
+    before = model.config._attn_implementation
+    model.config._attn_implementation = GROUPED
+    try:
+        yield model
+    finally:
+        model.config._attn_implementation = before
 
 
 class _CaptureCache:

@@ -22,7 +22,7 @@ from ..targets import Profile, load_profile
 from .fused_target import build_fused_head, build_fused_segment
 from .gguf_model import gguf_file_of, gguf_tokens, load_gguf_model, published_table
 from . import gguf_draft
-from .graphs import FullModel, StatefulDraft, TargetHead, TargetSegment
+from .graphs import FullModel, StatefulDraft, TargetHead, TargetSegment, grouped_attention
 from .loading import SourceModel, open_source
 from .onnx_export import convert_to_fp16, export_graph, graph_files, quantize_matmuls, read_io, trace
 from .openvino_ir import convert_draft, convert_stateful_draft, convert_target_graph, ir_io
@@ -257,8 +257,9 @@ def _export_draft(draft: SourceModel, opts: ExportOptions, needed: set[str], sta
         with step(f"loading draft {draft.path.name}"):
             draft_model = draft.load_model()
     if needed & {"draft", "draft_static"}:
-        graphs.update(_export_parts([("draft", FullModel(draft.arch, draft_model, 0, nd, draft_top_m(draft.shape)),
-                                      draft, range(0, nd), "fp32")], stage, step, opts.kappa))
+        with grouped_attention(draft_model, draft.arch):
+            graphs.update(_export_parts([("draft", FullModel(draft.arch, draft_model, 0, nd, draft_top_m(draft.shape)),
+                                          draft, range(0, nd), "fp32")], stage, step, opts.kappa))
     scratch = Path(tempfile.mkdtemp(prefix="stateful-", dir=stage))
     try:
         weights_in = None
