@@ -30,7 +30,7 @@ def test_the_demo_runs_the_openvino_target_only_where_our_kernel_is_usable(monke
     assert profile == "cpu" and "not built" in why
 
 
-def test_a_demo_artifact_of_another_profile_is_exported_again(tmp_path, monkeypatch):
+def test_a_demo_artifact_of_another_profile_or_weight_format_is_exported_again(tmp_path, monkeypatch):
     import mirror_deploy.demo as demo
     from mirror_deploy.export.pipeline import ExportOptions
     from mirror_deploy.tiny import build_tiny_pair
@@ -44,3 +44,5 @@ def test_a_demo_artifact_of_another_profile_is_exported_again(tmp_path, monkeypa
     assert exports == []                                   # same sources, same profile: reused
     demo.ensure_artifact(target, draft, out, ExportOptions(**{**vars(opts), "profile": "cpu"}), quiet)
     assert exports == ["cpu"]                              # another profile: exported again
+    demo.ensure_artifact(target, draft, out, ExportOptions(**{**vars(opts), "draft_weights": "int8"}), quiet)
+    assert exports == ["cpu", "cpu-sim"]                   # other draft weights: exported again
