@@ -3,8 +3,9 @@ for this machine's cores (`demo_profile`), tune it lightly once, and run one pro
 SD, with Mirror-SD and with the tuned best mode: the same text from each, and each one's speed.
 
 Why this pair: the GGUF route reads the target file's own blocks (no dense fp32 copy of the target is made:
-the export peaks near 6 GB instead of 13) and the target it exports is what a user runs. A fuller tune (more prompts, the draft
-head cut to its frequent tokens, every mode checked) is one command away: `mirror-deploy tune ART`."""
+the export peaks near 6 GB instead of 13) and the target it exports is what a user runs. A fuller tune (more
+prompts, the draft head cut to its frequent tokens, every mode checked) is one command away:
+`mirror-deploy tune ART`."""
 from __future__ import annotations
 
 import sys
@@ -23,8 +24,13 @@ DEMO_PROMPT = "Write a Python function that returns the n-th Fibonacci number, w
 # its file is mostly Q5_0, which OpenVINO holds as 8-bit (696 MB a call against 321 at int4; SD 1.20x AR
 # against 1.02x, one bench run). On the machine's own cores (`demo_profile`); γ = 7 and 4 branches are the
 # most a run may use: `tune` picks within them.
-DEMO_EXPORT = ExportOptions(gamma=7, kappa=8, max_context=1536, branch_batch=4, profile="cpu",
+DEMO_EXPORT = ExportOptions(gamma=7, kappa=8, max_context=1536, branch_batch=4,
+                            profile="cpu",   # run_demo takes demo_profile()'s
                             target_weights="gguf", draft_weights="int4")
+
+# The demo's first tune: the calibration prompts, three rounds per cost curve, no every-mode check (the demo itself
+# shows every mode's text equal); `mirror-deploy tune ART` runs the full one.
+DEMO_TUNE = dict(prompts=12, new_tokens=32, rounds=3, measure_prompts=0)
 
 
 def demo_profile() -> tuple[str, str]:
@@ -37,9 +43,6 @@ def demo_profile() -> tuple[str, str]:
     if kernel.available:
         return "cpu-openvino", f"our 4-bit kernel is usable ({kernel.isa})"
     return "cpu", f"our 4-bit kernel is not usable ({kernel.why}): the stock kernels run"
-# The demo's first tune: the calibration prompts, three rounds per cost curve, no every-mode check (the demo itself
-# shows every mode's text equal); `mirror-deploy tune ART` runs the full one.
-DEMO_TUNE = dict(prompts=12, new_tokens=32, rounds=3, measure_prompts=0)
 
 
 def ensure_artifact(target: Path, draft: Path, out: Path, opts: ExportOptions, console: Console) -> Path:

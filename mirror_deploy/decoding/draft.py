@@ -151,8 +151,7 @@ class DraftRunner:
         self.vocab_ids = getattr(graph, "vocab_ids", None)   # a cut head's ids (runtimes/loader.with_vocab)
         self.vocab = d.get("vocab_size", 0)
         store = store_for(graph, range(d["num_layers"]), manifest.max_context, d["kv_heads"], d["head_dim"])
-        buckets = tuple(sorted({slots for _, slots in getattr(graph, "variants", {})}))   # a BucketedDraft's
-        self.cache = DraftCache(store, manifest.max_context, buckets)
+        self.cache = DraftCache(store, manifest.max_context, getattr(graph, "buckets", ()))   # a BucketedDraft's
         self.static_seq = graph.static_dims["seq"] if graph.static_dims else None
         self.streams = getattr(graph, "streams", 0)   # S: tokens a call yields beyond its row's own
         self.prefill_chunk = self.static_seq or prefill_chunk

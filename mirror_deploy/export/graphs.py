@@ -44,12 +44,12 @@ def grouped_attention(model: nn.Module, arch: ArchSpec):
         return
     from transformers import AttentionInterface
     AttentionInterface.register(GROUPED, grouped_query_attention)
-    before = model.config._attn_implementation
-    model.config._attn_implementation = GROUPED
+    before = config._attn_implementation
+    config._attn_implementation = GROUPED
     try:
         yield model
     finally:
-        model.config._attn_implementation = before
+        config._attn_implementation = before
 
 
 class _CaptureCache:

@@ -66,6 +66,7 @@ class BucketedDraft:
 
     def __init__(self, variants: dict[tuple[int, int], object], width: int, capacity: int):
         self.variants, self.width, self.capacity = variants, width, capacity
+        self.buckets = tuple(sorted({slots for _, slots in variants}))   # the capacities a call may run at
         self.full = variants[(width, capacity)]
         for graph in variants.values():
             graph.timer = self.full.timer   # one timer for the draft, whichever variant ran

@@ -135,8 +135,9 @@ def train(model, taught: list[TaughtSequence], seconds: float, max_passes: int, 
     # a small draft's multiply-adds (151,936 rows against 4 layers), and mass outside the teacher's top k
     # is not scored anyway. A cut vocabulary (cut-vocab) is what the deployed draft scores too.
     vocab = np.unique(np.concatenate([seq.top_ids.reshape(-1) for seq in taught]))
-    weight = head.weight.detach()[torch.from_numpy(vocab.astype(np.int64))]
-    bias = None if getattr(head, "bias", None) is None else head.bias.detach()[torch.from_numpy(vocab.astype(np.int64))]
+    rows = torch.from_numpy(vocab.astype(np.int64))
+    weight = head.weight.detach()[rows]
+    bias = None if getattr(head, "bias", None) is None else head.bias.detach()[rows]
     columns = [torch.from_numpy(np.searchsorted(vocab, seq.top_ids[:-1]).astype(np.int64)) for seq in taught]
     model.train()
     start, steps, tokens, losses = time.perf_counter(), 0, 0, []
